@@ -1,0 +1,45 @@
+"""What the sans-I/O core asks the I/O shell to do. The core returns lists of
+these; the shell carries them out in order."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class Deliver(NamedTuple):
+    """Send one encoded JSON text frame to a connection."""
+
+    conn: int
+    data: bytes
+
+
+class Close(NamedTuple):
+    """Close a connection with a WebSocket close code and a readable reason."""
+
+    conn: int
+    code: int
+    reason: str
+
+
+class Log(NamedTuple):
+    level: str
+    event: str
+    fields: dict[str, Any]
+
+
+class WriteRecord(NamedTuple):
+    """Append a record to the durable ledger, then report it back with
+    `Broker.record_written` (and only then act on it)."""
+
+    record: dict[str, Any]
+
+
+# Close codes for refusals (4000-4999 is the application range of RFC 6455).
+CLOSE_NOT_REGISTERED = 4000
+CLOSE_UNKNOWN_ROLE = 4001
+CLOSE_BAD_VERSION = 4002
+CLOSE_ALREADY_REGISTERED = 4003
+CLOSE_BAD_REGISTRATION = 4004
+CLOSE_TOO_LARGE = 1009
+CLOSE_SLOW_CONSUMER = 1008
+CLOSE_GOING_AWAY = 1001

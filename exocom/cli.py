@@ -1,0 +1,213 @@
+"""The `exocom` command line: `serve`, `deployments`."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .broker import Broker
+from .config import ConfigError, load
+from .ledger import LedgerError, SQLiteLedger
+from .logs import LEVELS, configure, get_logger
+from .server import Limits, Server
+
+DEFAULT_PORT = 4100
+DEFAULT_HOST = "0.0.0.0"
+
+
+def default_state_dir(environ) -> str:
+    if environ.get("EXOCOM_STATE_DIR"):
+        return environ["EXOCOM_STATE_DIR"]
+    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "exocom")
+
+
+def resolve_port(arg: int | None, environ) -> int:
+    if arg is not None:
+        return arg
+    for key in ("EXOCOM_PORT", "PORT"):
+        value = environ.get(key)
+        if value:
+            try:
+                port = int(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} is not a port number") from None
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{key}={value!r} is not a port number (0-65535)")
+            return port
+    return DEFAULT_PORT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exocom", description="Message broker for microservice fleets, with versioned deployments.")
+    parser.add_argument("--version", action="version", version=f"exocom {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p):
+        p.add_argument("--config", metavar="FILE", help="routing file (YAML or JSON); default: $SERVICE_DATA, else the embedded default")
+        p.add_argument("--state-dir", metavar="DIR", help="where the ledger lives (default: $EXOCOM_STATE_DIR, else ~/.local/state/exocom)")
+
+    serve = sub.add_parser("serve", help="run the broker")
+    config_args(serve)
+    serve.add_argument("--host", default=os.environ.get("EXOCOM_HOST", DEFAULT_HOST), help=f"address to listen on (default {DEFAULT_HOST}, env EXOCOM_HOST)")
+    serve.add_argument("--port", type=int, help=f"port (default: $EXOCOM_PORT, else $PORT, else {DEFAULT_PORT})")
+    serve.add_argument("--log-format", choices=("json", "console"), help="default: console on a terminal, JSON lines otherwise")
+    serve.add_argument("--log-level", choices=LEVELS, default=os.environ.get("EXOCOM_LOG_LEVEL", "info"),
+                       help="debug logs every delivery; info (default) registrations and deployments; warning refusals only")
+    serve.add_argument("--max-frame-bytes", type=int, default=1024 * 1024, help="larger frames close the connection with 1009 (default 1 MiB)")
+    serve.add_argument("--max-outbox-bytes", type=int, default=8 * 1024 * 1024,
+                       help="a receiver with more unsent bytes is disconnected as a slow consumer (default 8 MiB)")
+    serve.add_argument("--step-timeout", type=float, default=300.0, help="time limit of a deployment step in seconds (default 300; per deployment: stepTimeout)")
+    serve.add_argument("--grace-period", type=float, default=5.0, help="seconds to wait for connections to close on SIGTERM (default 5)")
+
+    deployments = sub.add_parser("deployments", help="list deployments from the ledger, or retry a failed one")
+    config_args(deployments)
+    deployments.add_argument("action", nargs="?", choices=("list", "retry"), default="list")
+    deployments.add_argument("target", nargs="?", metavar="ROLE@VERSION")
+    deployments.add_argument("--url", default=None, help="a running broker to ask first (default http://127.0.0.1:$PORT)")
+    deployments.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args, os.environ)
+    return deployments_command(args, os.environ)
+
+
+def fail(message: str, code: int = 2) -> int:
+    get_logger().error("exocom cannot start", error=message)
+    return code
+
+
+def serve(args, environ) -> int:
+    configure(args.log_format, args.log_level)
+    log = get_logger()
+    try:
+        config = load(args.config, environ)
+        port = resolve_port(args.port, environ)
+    except ConfigError as e:
+        return fail(f"invalid configuration: {e}")
+    for problem in config.unknown_keys:
+        log.warning("configuration key ignored", problem=problem)
+    state_dir = args.state_dir or default_state_dir(environ)
+    try:
+        ledger = SQLiteLedger.in_state_dir(state_dir)
+        records = ledger.load()
+    except (LedgerError, OSError) as e:
+        return fail(f"{e}; pass a writable --state-dir or set EXOCOM_STATE_DIR")
+    broker = Broker(config, ledger_records=records, step_timeout=args.step_timeout,
+                    log_deliveries=args.log_level == "debug", now=time.time())
+    server = Server(broker, ledger, Limits(args.max_frame_bytes, args.max_outbox_bytes), grace_period=args.grace_period)
+
+    async def run():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, args.host, port)
+            log.info("broker listening", host=args.host, port=server.port, config_source=config.source,
+                     roles=sorted(config.roles), deployments=[str(d) for _, d, _ in config.deployments()],
+                     state_dir=str(Path(state_dir).resolve()), ledger_records=len(records), version=__version__)
+
+    try:
+        trio.run(run)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return fail(f"port {port} on {args.host} is already in use: stop the other process or pass --port")
+        if e.errno == errno.EACCES:
+            return fail(f"no permission to listen on port {port}: use a port above 1023 or pass --port")
+        return fail(f"cannot listen on {args.host}:{port}: {e}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ledger.close()
+    log.info("broker stopped")
+    return 0
+
+
+def deployments_command(args, environ) -> int:
+    url = args.url or f"http://127.0.0.1:{resolve_port(None, environ)}"
+    if args.action == "retry":
+        if not args.target or "@" not in args.target:
+            print("exocom deployments retry: name the deployment as ROLE@VERSION", file=sys.stderr)
+            return 2
+        return retry(args, environ, url)
+    try:
+        config = load(args.config, environ)
+    except ConfigError as e:
+        print(f"exocom deployments: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    state_dir = args.state_dir or default_state_dir(environ)
+    try:
+        ledger = SQLiteLedger.in_state_dir(state_dir, create=False)
+        records = ledger.load()
+        ledger.close()
+    except LedgerError:
+        records = []
+    broker = Broker(config, ledger_records=records)
+    rows = broker.deployments_json()
+    if args.json:
+        print(json.dumps({"deployments": rows, "unconfigured_records": broker.orphan_records}, indent=2))
+        return 0
+    if not rows:
+        print("no deployments are configured")
+        return 0
+    print(f"{'DEPLOYMENT':32} {'BY':28} {'STATE':7} {'OFFLINE':16} {'ONLINE':16} LAST ERROR")
+    for row in rows:
+        steps = {s["step"]: s for s in row["steps"]}
+        cells = [f"{steps[n]['status']} ({steps[n]['attempts']}x)" for n in ("offline", "online")]
+        error = next((s["lastError"] for s in row["steps"] if s["lastError"]), "")
+        print(f"{row['role'] + '@' + row['version']:32} {row['deployedBy']:28} {row['state']:7} {cells[0]:16} {cells[1]:16} {error}")
+    return 0
+
+
+def retry(args, environ, url: str) -> int:
+    role, _, version = args.target.partition("@")
+    request = urllib.request.Request(f"{url}/deployments/{args.target}/retry", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            print(f"{args.target}: retrying now on the running broker at {url}")
+            return 0
+    except urllib.error.HTTPError as e:
+        print(f"exocom deployments retry: {json.loads(e.read() or b'{}').get('error', e)}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError):
+        pass  # no broker running: re-arm in the ledger; it runs at the next start
+    try:
+        config = load(args.config, environ)
+    except ConfigError as e:
+        print(f"exocom deployments retry: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    state_dir = args.state_dir or default_state_dir(environ)
+    try:
+        ledger = SQLiteLedger.in_state_dir(state_dir)
+    except LedgerError as e:
+        print(f"exocom deployments retry: {e}", file=sys.stderr)
+        return 2
+    try:
+        broker = Broker(config, ledger_records=ledger.load())
+        try:
+            actions = broker.retry(role, version, time.time())
+        except (KeyError, ValueError) as e:
+            print(f"exocom deployments retry: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+            return 1
+        for action in actions:
+            if hasattr(action, "record"):
+                ledger.append(action.record)
+    finally:
+        ledger.close()
+    print(f"{args.target}: re-armed in the ledger; the broker is not running at {url}, it runs the step at its next start")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The routing configuration: which role sends and receives what, and which
+role deploys which version of another.
+
+It comes from a file (YAML or JSON), from the `SERVICE_DATA` environment
+variable exactly as the Go broker reads it, or from the default embedded in
+the package. Every problem is reported with the role and key it concerns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .versions import InvalidRequirement, InvalidVersion, Requirement, Version
+
+ROLE_KEYS = {"receives", "sends", "translations", "deploys", "stepTimeout", "versions"}
+PROFILE_KEYS = {"receives", "sends", "translations"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem a person can fix; the message says where."""
+
+
+@dataclass(frozen=True)
+class Translation:
+    public: str
+    internal: str
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a role (or some versions of it) sends and receives, by internal name."""
+
+    receives: tuple[str, ...] = ()
+    sends: tuple[str, ...] = ()
+    translations: tuple[Translation, ...] = ()
+
+
+@dataclass(frozen=True)
+class Deploys:
+    role: str
+    version: Version
+
+    def __str__(self) -> str:
+        return f"{self.role}@{self.version}"
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    name: str
+    profile: Profile
+    version_profiles: tuple[tuple[Requirement, Profile], ...] = ()
+    deploys: Deploys | None = None
+    step_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    roles: dict[str, RoleConfig]
+    source: str
+    unknown_keys: tuple[str, ...] = field(default=())
+
+    @property
+    def has_security(self) -> bool:
+        return "security" in self.roles
+
+    def deployments(self) -> list[tuple[str, Deploys, float | None]]:
+        return [(r.name, r.deploys, r.step_timeout) for r in self.roles.values() if r.deploys]
+
+    def to_service_data(self) -> dict[str, Any]:
+        """The normalized routes, in the shape `/config.json` shows them."""
+        out: dict[str, Any] = {}
+        for name, role in self.roles.items():
+            entry = _profile_json(role.profile)
+            if role.version_profiles:
+                entry["versions"] = {req.text: _profile_json(p) for req, p in role.version_profiles}
+            if role.deploys:
+                entry["deploys"] = str(role.deploys)
+            if role.step_timeout is not None:
+                entry["stepTimeout"] = role.step_timeout
+            out[name] = entry
+        return out
+
+
+def _profile_json(p: Profile) -> dict[str, Any]:
+    return {
+        "receives": list(p.receives),
+        "sends": list(p.sends),
+        "translations": [{"public": t.public, "internal": t.internal} for t in p.translations],
+    }
+
+
+def _names(role: str, key: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"role {role!r}: key {key!r} must be a list of message names, got {value!r}")
+    return tuple(value)
+
+
+def _translations(role: str, key: str, value: Any) -> tuple[Translation, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"role {role!r}: key {key!r} must be a list of {{public, internal}} objects")
+    out = []
+    seen_public: set[str] = set()
+    seen_internal: set[str] = set()
+    for i, t in enumerate(value):
+        if not (isinstance(t, dict) and isinstance(t.get("public"), str) and isinstance(t.get("internal"), str)):
+            raise ConfigError(f"role {role!r}: {key}[{i}] must have string keys 'public' and 'internal', got {t!r}")
+        if t["public"] in seen_public or t["internal"] in seen_internal:
+            raise ConfigError(f"role {role!r}: {key}[{i}] translates {t['public']!r}/{t['internal']!r} a second time")
+        seen_public.add(t["public"])
+        seen_internal.add(t["internal"])
+        out.append(Translation(t["public"], t["internal"]))
+    return tuple(out)
+
+
+def _profile(role: str, data: dict[str, Any], prefix: str, inherit: Profile | None = None) -> Profile:
+    def get(key: str, parse, default):
+        if key in data:
+            return parse(role, prefix + key, data[key])
+        return default
+
+    base = inherit or Profile()
+    return Profile(
+        receives=get("receives", _names, base.receives),
+        sends=get("sends", _names, base.sends),
+        translations=get("translations", _translations, base.translations),
+    )
+
+
+def parse_service_data(data: Any, source: str) -> Config:
+    """Validate the routing data (already decoded from JSON or YAML)."""
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{source}: the routing configuration must be a non-empty object keyed by role")
+    roles: dict[str, RoleConfig] = {}
+    unknown: list[str] = []
+    for name, entry in data.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{source}: role names must be non-empty strings, got {name!r}")
+        if entry is None:
+            entry = {}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"role {name!r}: must be an object with receives/sends/translations, got {entry!r}")
+        unknown.extend(f"role {name!r}: unknown key {k!r}" for k in entry if k not in ROLE_KEYS)
+        profile = _profile(name, entry, "")
+        version_profiles = []
+        versions = entry.get("versions") or {}
+        if not isinstance(versions, dict):
+            raise ConfigError(f"role {name!r}: key 'versions' must map a version requirement (\"2\", \"2.1\") to receives/sends")
+        for req_text, override in versions.items():
+            try:
+                req = Requirement(str(req_text))
+            except InvalidRequirement as e:
+                raise ConfigError(f"role {name!r}: versions: {e}") from None
+            if not isinstance(override, dict):
+                raise ConfigError(f"role {name!r}: versions.{req_text} must be an object")
+            unknown.extend(
+                f"role {name!r}: versions.{req_text}: unknown key {k!r}" for k in override if k not in PROFILE_KEYS
+            )
+            version_profiles.append((req, _profile(name, override, f"versions.{req_text}.", inherit=profile)))
+        # The most specific requirement wins when several match a version.
+        version_profiles.sort(key=lambda rp: -len(rp[0].parts))
+        deploys = None
+        if entry.get("deploys") is not None:
+            deploys = _deploys(name, entry["deploys"])
+        step_timeout = entry.get("stepTimeout")
+        if step_timeout is not None and (
+            isinstance(step_timeout, bool) or not isinstance(step_timeout, (int, float)) or step_timeout <= 0
+        ):
+            raise ConfigError(f"role {name!r}: key 'stepTimeout' must be a positive number of seconds, got {step_timeout!r}")
+        roles[name] = RoleConfig(name, profile, tuple(version_profiles), deploys, step_timeout)
+    for role in roles.values():
+        if role.deploys:
+            if role.deploys.role not in roles:
+                raise ConfigError(f"role {role.name!r}: key 'deploys' names role {role.deploys.role!r}, which is not configured")
+            if role.deploys.role == role.name:
+                raise ConfigError(f"role {role.name!r}: key 'deploys' cannot name the role itself")
+    targets = [str(r.deploys) for r in roles.values() if r.deploys]
+    for t in set(targets):
+        if targets.count(t) > 1:
+            raise ConfigError(f"{source}: more than one role deploys {t}; each version has one deployment script")
+    return Config(roles, source, tuple(unknown))
+
+
+def _deploys(role: str, value: Any) -> Deploys:
+    if not isinstance(value, str) or value.count("@") != 1:
+        raise ConfigError(f"role {role!r}: key 'deploys' must look like \"todo-search@0.0.1\", got {value!r}")
+    target, version = value.split("@")
+    try:
+        return Deploys(target, Version(version))
+    except InvalidVersion as e:
+        raise ConfigError(f"role {role!r}: key 'deploys': {e}") from None
+
+
+def load_file(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration file {str(p)!r}: {e.strerror or e}") from None
+    return parse_text(text, str(p))
+
+
+def parse_text(text: str, source: str) -> Config:
+    import yaml  # YAML is a superset of JSON: one parser reads both file kinds
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML or JSON: {e}") from None
+    return parse_service_data(data, source)
+
+
+def from_service_data_env(value: str) -> Config:
+    if not value.strip():
+        raise ConfigError("SERVICE_DATA is set but empty: give it the routing JSON, or unset it to use the default")
+    try:
+        data = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"SERVICE_DATA is not valid JSON: {e}") from None
+    return parse_service_data(data, "SERVICE_DATA")
+
+
+def default_config_text() -> tuple[str, str]:
+    """The embedded default (the tutorial's todo application)."""
+    packaged = resources.files("exocom").joinpath("default-config.yml")
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8"), "embedded default"
+    # Running from a source checkout: the default is the file in config/.
+    source = Path(__file__).resolve().parent.parent / "config" / "todo-app.yml"
+    return source.read_text(encoding="utf-8"), "embedded default"
+
+
+def load(config_file: str | None, environ: dict[str, str]) -> Config:
+    """Pick the configuration the way `exocom serve` documents it."""
+    if config_file:
+        return load_file(config_file)
+    if "SERVICE_DATA" in environ:
+        return from_service_data_env(environ["SERVICE_DATA"])
+    text, source = default_config_text()
+    return parse_text(text, source)

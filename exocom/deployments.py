@@ -1,0 +1,150 @@
+"""The deployment state machine of one role version (contract sections 4-6).
+
+A deployment has two steps, offline then online. Each step goes
+pending -> started -> done | failed. The ledger is the truth: the machine only
+changes a step when the record of the change is on disk (`apply`), so the
+broker never tells anybody a step is done before it is durable. A step that
+was started but neither done nor failed (broker crash, lost script) is run
+again, as a new attempt, once its deployment script and its version are both
+connected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Deploys
+from .registry import FAILED, HELD, LIVE
+
+OFFLINE, ONLINE = "offline", "online"
+STEPS = (OFFLINE, ONLINE)
+PENDING, STARTED, DONE = "pending", "started", "done"
+STEP_FAILED = "failed"
+
+# Ledger record events
+STEP_STARTED, STEP_DONE, STEP_FAILED_EVENT, STEP_REARMED = "started", "done", "failed", "rearmed"
+
+
+def message_name(target: Deploys, step: str, outcome: str) -> str:
+    """`deployment-todo-search-0.0.1-offline-start` and its siblings."""
+    return f"deployment-{target.role}-{target.version}-{step}-{outcome}"
+
+
+@dataclass
+class Step:
+    name: str
+    status: str = PENDING
+    attempts: int = 0
+    started_at: float | None = None
+    ended_at: float | None = None
+    last_error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.name,
+            "status": self.status,
+            "attempts": self.attempts,
+            "startedAt": self.started_at,
+            "endedAt": self.ended_at,
+            "lastError": self.last_error,
+        }
+
+
+@dataclass
+class InFlight:
+    step: str
+    activity_id: str
+    script_conn: int
+    started_at: float
+    deadline: float
+
+
+@dataclass
+class Deployment:
+    target: Deploys
+    script_role: str
+    step_timeout: float
+    steps: dict[str, Step] = field(default_factory=lambda: {s: Step(s) for s in STEPS})
+    in_flight: InFlight | None = None
+    # A record sent to the ledger and not yet confirmed written; nothing else
+    # happens to this deployment until it is.
+    writing: dict[str, Any] | None = None
+
+    @property
+    def state(self) -> str:
+        if any(s.status == STEP_FAILED for s in self.steps.values()):
+            return FAILED
+        if self.steps[OFFLINE].status == DONE:
+            return LIVE
+        return HELD
+
+    @property
+    def finished(self) -> bool:
+        return self.steps[ONLINE].status == DONE
+
+    def next_step(self) -> str | None:
+        """The step to run now, if any: the first one not done, unless failed."""
+        if self.state == FAILED:
+            return None
+        for name in STEPS:
+            if self.steps[name].status != DONE:
+                return name
+        return None
+
+    def record(self, event: str, step: str, now: float, error: str | None = None) -> dict[str, Any]:
+        attempt = self.steps[step].attempts + (1 if event == STEP_STARTED else 0)
+        return {
+            "role": self.target.role,
+            "version": str(self.target.version),
+            "step": step,
+            "event": event,
+            "attempt": attempt,
+            "at": now,
+            "error": error,
+        }
+
+    def apply(self, record: dict[str, Any]) -> None:
+        """Fold one ledger record into the steps (also used to replay the ledger)."""
+        step = self.steps[record["step"]]
+        event = record["event"]
+        if event == STEP_STARTED:
+            step.status = STARTED
+            step.attempts = record["attempt"]
+            step.started_at = record["at"]
+            step.ended_at = None
+        elif event == STEP_DONE:
+            step.status = DONE
+            step.ended_at = record["at"]
+        elif event == STEP_FAILED_EVENT:
+            step.status = STEP_FAILED
+            step.ended_at = record["at"]
+            step.last_error = record.get("error")
+        elif event == STEP_REARMED:
+            step.status = PENDING
+            step.ended_at = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "role": self.target.role,
+            "version": str(self.target.version),
+            "deployedBy": self.script_role,
+            "state": self.state,
+            "finished": self.finished,
+            "stepTimeout": self.step_timeout,
+            "steps": [s.to_json() for s in self.steps.values()],
+            "inFlight": self.in_flight.step if self.in_flight else None,
+        }
+
+
+def replay(deployments: dict[tuple[str, str], Deployment], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold ledger records into the deployments; return records of deployments
+    no longer configured (kept in the ledger, shown to operators, not acted on)."""
+    orphans = []
+    for record in records:
+        deployment = deployments.get((record["role"], record["version"]))
+        if deployment is None:
+            orphans.append(record)
+        else:
+            deployment.apply(record)
+    return orphans

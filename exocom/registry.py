@@ -1,0 +1,101 @@
+"""The instance registry: which connection is which instance of which role
+and version, grouped into version pools ordered newest first."""
+
+from __future__ import annotations
+
+from .routing import CompiledProfile
+from .versions import Version
+
+LIVE, HELD, FAILED = "live", "held", "failed"
+
+
+class Instance:
+    __slots__ = ("conn", "role", "version", "profile", "peer", "versioned", "pool")
+
+    def __init__(self, conn: int, role: str, version: Version, profile: CompiledProfile, peer: str, versioned: bool):
+        self.conn = conn
+        self.role = role
+        self.version = version
+        self.profile = profile
+        self.peer = peer
+        # Old clients (no version on registration) must never get a frame they
+        # did not ask for; versioned clients speak our extended protocol.
+        self.versioned = versioned
+        self.pool: VersionPool | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.role}@{self.version}#{self.conn}"
+
+
+class VersionPool:
+    """The connected instances of one version of one role."""
+
+    __slots__ = ("role", "version", "state", "instances", "profile", "_next")
+
+    def __init__(self, role: str, version: Version, state: str, profile: CompiledProfile):
+        self.role = role
+        self.version = version
+        self.state = state
+        self.profile = profile
+        self.instances: list[Instance] = []
+        self._next = 0
+
+    def pick(self) -> Instance:
+        # Round robin spreads load evenly and is reproducible in tests.
+        self._next = (self._next + 1) % len(self.instances)
+        return self.instances[self._next]
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.by_conn: dict[int, Instance] = {}
+        # role -> pools sorted newest version first
+        self.pools: dict[str, list[VersionPool]] = {}
+
+    def pool(self, role: str, version: Version) -> VersionPool | None:
+        for p in self.pools.get(role, ()):
+            if p.version == version:
+                return p
+        return None
+
+    def add(self, instance: Instance, state: str) -> VersionPool:
+        pool = self.pool(instance.role, instance.version)
+        if pool is None:
+            pool = VersionPool(instance.role, instance.version, state, instance.profile)
+            pools = self.pools.setdefault(instance.role, [])
+            pools.append(pool)
+            pools.sort(key=lambda p: p.version, reverse=True)
+        pool.instances.append(instance)
+        instance.pool = pool
+        self.by_conn[instance.conn] = instance
+        return pool
+
+    def remove(self, conn: int) -> Instance | None:
+        instance = self.by_conn.pop(conn, None)
+        if instance is not None and instance.pool is not None:
+            pool = instance.pool
+            pool.instances.remove(instance)
+            if not pool.instances:
+                self.pools[instance.role].remove(pool)
+                if not self.pools[instance.role]:
+                    del self.pools[instance.role]
+        return instance
+
+    def instances_of(self, role: str) -> list[Instance]:
+        return [i for p in self.pools.get(role, ()) for i in p.instances]
+
+    def clients(self) -> list[dict]:
+        """`/config.json` "clients": roles with at least one connected instance."""
+        out = []
+        for role, pools in self.pools.items():
+            out.append(
+                {
+                    "role": role,
+                    "instances": sum(len(p.instances) for p in pools),
+                    "versions": [
+                        {"version": str(p.version), "state": p.state, "instances": len(p.instances)} for p in pools
+                    ],
+                }
+            )
+        return out

@@ -1,0 +1,368 @@
+"""The trio shell around the broker core: it moves bytes, owns the tasks,
+timers and outboxes, and carries out the actions the core returns.
+
+Each TCP connection is parsed with h11; `GET /services` with a WebSocket
+upgrade is handed to wsproto, everything else is a small HTTP endpoint. Each
+WebSocket connection has a reader task that feeds frames to the core and a
+writer task that drains the connection's outbox, several frames per system
+call when a receiver falls behind. Outboxes are bounded in bytes: a receiver
+that does not read is disconnected ("slow consumer") instead of delaying
+anybody else.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+import orjson
+import trio
+from wsproto.connection import Connection as WSConnection
+from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.handshake import H11Handshake
+
+from .actions import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, CLOSE_TOO_LARGE, Close, Deliver, Log, WriteRecord
+from .broker import Broker
+from .ledger import Ledger, LedgerError
+from .logs import get_logger
+
+RECEIVE_SIZE = 65536
+HTTP_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0
+
+
+@dataclass
+class Limits:
+    max_frame_bytes: int = 1024 * 1024
+    max_outbox_bytes: int = 8 * 1024 * 1024
+
+
+def text_frame(payload: bytes) -> bytes:
+    """The header of an unmasked, final WebSocket text frame (server to client)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n))
+    if n < 65536:
+        return b"\x81\x7e" + n.to_bytes(2, "big")
+    return b"\x81\x7f" + n.to_bytes(8, "big")
+
+
+class Peer:
+    """One WebSocket connection: its stream, protocol state and outbox."""
+
+    __slots__ = ("id", "address", "stream", "ws", "outbox", "outbox_bytes", "wakeup", "closing", "cancel_scope")
+
+    def __init__(self, conn_id: int, address: str, stream: trio.abc.Stream, ws: WSConnection):
+        self.id = conn_id
+        self.address = address
+        self.stream = stream
+        self.ws = ws
+        self.outbox: list[bytes] = []
+        self.outbox_bytes = 0
+        self.wakeup = trio.Event()
+        self.closing = False
+        self.cancel_scope: trio.CancelScope | None = None
+
+    def push(self, data: bytes) -> None:
+        self.outbox.append(data)
+        self.outbox_bytes += len(data)
+        self.wakeup.set()
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+            self.push(self.ws.send(CloseConnection(code=code, reason=reason)))
+
+
+class Server:
+    def __init__(self, broker: Broker, ledger: Ledger | None, limits: Limits | None = None, *,
+                 grace_period: float = 5.0, handle_signals: bool = True):
+        self.broker = broker
+        self.ledger = ledger
+        self.limits = limits or Limits()
+        self.grace_period = grace_period
+        self.handle_signals = handle_signals
+        self.log = get_logger()
+        self.peers: dict[int, Peer] = {}
+        self._ids = itertools.count(1)
+        self._ledger_send, self._ledger_receive = trio.open_memory_channel(math.inf)
+        self.listeners: list[trio.SocketListener] = []
+        self.started_at = time.time()
+        self.stopping = False
+
+    # --------------------------------------------------------------- actions
+
+    def execute(self, actions: list) -> None:
+        peers = self.peers
+        max_outbox = self.limits.max_outbox_bytes
+        for action in actions:
+            cls = action.__class__
+            if cls is Deliver:
+                peer = peers.get(action.conn)
+                if peer is None or peer.closing:
+                    continue
+                if peer.outbox_bytes + len(action.data) > max_outbox:
+                    self._drop_slow_consumer(peer)
+                    continue
+                peer.outbox.append(text_frame(action.data))
+                peer.push(action.data)
+            elif cls is Log:
+                getattr(self.log, action.level)(action.event, **action.fields)
+            elif cls is Close:
+                peer = peers.get(action.conn)
+                if peer is not None:
+                    peer.close(action.code, action.reason)
+            elif cls is WriteRecord:
+                self._ledger_send.send_nowait(action.record)
+
+    def _drop_slow_consumer(self, peer: Peer) -> None:
+        instance = self.broker.registry.by_conn.get(peer.id)
+        self.log.warning(
+            "slow consumer disconnected",
+            instance=instance.label if instance else None, peer=peer.address,
+            outbox_bytes=peer.outbox_bytes, dropped_frames=len(peer.outbox) // 2,
+            reason=f"its outbox exceeded {self.limits.max_outbox_bytes} bytes; the frames queued for it are dropped",
+        )
+        peer.closing = True
+        peer.outbox.clear()
+        peer.outbox_bytes = 0
+        # Its writer is stuck on a socket nobody reads: abort the whole connection.
+        if peer.cancel_scope is not None:
+            peer.cancel_scope.cancel()
+
+    # ------------------------------------------------------------------ tasks
+
+    async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host or None)
+        self.listeners = listeners
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._ticker)
+            nursery.start_soon(self._ledger_writer)
+            if self.handle_signals:
+                nursery.start_soon(self._signals, nursery.cancel_scope)
+            await nursery.start(trio.serve_listeners, self._handle_tcp, listeners)
+            self.execute(self.broker.starting(time.time()))
+            task_status.started(listeners)
+
+    @property
+    def port(self) -> int:
+        return self.listeners[0].socket.getsockname()[1]
+
+    async def _ticker(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            self.execute(self.broker.tick(time.time()))
+
+    async def _ledger_writer(self) -> None:
+        async for record in self._ledger_receive:
+            delay = 0.5
+            while True:
+                try:
+                    if self.ledger is not None:
+                        await trio.to_thread.run_sync(self.ledger.append, record)
+                    break
+                except LedgerError as e:
+                    self.log.error("ledger write failed", error=str(e), retry_in_s=delay,
+                                   hint="check the state directory's disk space and permissions")
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            self.execute(self.broker.record_written(record, time.time()))
+
+    async def _signals(self, cancel_scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if self.stopping:
+                    self.log.warning("second signal: exiting at once", signal=signal.Signals(signum).name)
+                    cancel_scope.cancel()
+                    return
+                self.stopping = True
+                self.log.info("broker stopping", signal=signal.Signals(signum).name,
+                              grace_period_s=self.grace_period)
+                for listener in self.listeners:
+                    await listener.aclose()
+                for peer in list(self.peers.values()):
+                    peer.close(CLOSE_GOING_AWAY, "exocom is shutting down")
+                cancel_scope.deadline = trio.current_time() + self.grace_period
+                # The ledger writer may still be busy; everything else can stop now.
+                with trio.move_on_after(self.grace_period):
+                    while self.peers:
+                        await trio.sleep(0.05)
+                cancel_scope.cancel()
+                return
+
+    # --------------------------------------------------------------- per TCP
+
+    async def _handle_tcp(self, stream: trio.SocketStream) -> None:
+        try:
+            address = "%s:%s" % stream.socket.getpeername()[:2]
+        except OSError:
+            address = "?"
+        try:
+            await self._handle_http(stream, address)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
+            pass
+        except Exception:
+            # One connection's failure never takes the server down.
+            self.log.exception("connection failed", peer=address)
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _handle_http(self, stream: trio.SocketStream, address: str) -> None:
+        http = h11.Connection(h11.SERVER)
+        request = None
+        with trio.move_on_after(HTTP_TIMEOUT):
+            while request is None:
+                event = http.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        return
+                    http.receive_data(data)
+                elif isinstance(event, h11.Request):
+                    request = event
+                else:
+                    return
+        if request is None:
+            return
+        target = request.target.decode("latin-1")
+        path = target.split("?", 1)[0]
+        headers = {k.lower(): v for k, v in request.headers}
+        if path == "/services" and headers.get(b"upgrade", b"").lower() == b"websocket":
+            if http.next_event() is h11.PAUSED:
+                leftover = http.trailing_data[0]
+            else:
+                leftover = b""
+            await self._websocket(stream, address, request, leftover)
+            return
+        status, body = self._http_endpoint(request.method, path)
+        await self._respond(stream, http, status, body)
+
+    def _http_endpoint(self, method: bytes, path: str) -> tuple[int, Any]:
+        if method == b"GET" and path == "/config.json":
+            return 200, self.broker.config_json()
+        if method == b"GET" and path == "/deployments":
+            return 200, {"deployments": self.broker.deployments_json()}
+        if method == b"POST" and path.startswith("/deployments/") and path.endswith("/retry"):
+            target = path[len("/deployments/"):-len("/retry")]
+            role, _, version = target.partition("@")
+            try:
+                self.execute(self.broker.retry(role, version, time.time()))
+            except KeyError as e:
+                return 404, {"error": e.args[0]}
+            except ValueError as e:
+                return 409, {"error": str(e)}
+            return 202, {"retrying": target}
+        if method == b"GET" and path == "/healthz":
+            return 200, {"status": "ok", "uptime_s": round(time.time() - self.started_at, 3)}
+        return 400, {"error": f"no endpoint {method.decode('latin-1')} {path}; "
+                              "services connect with a WebSocket to /services"}
+
+    async def _respond(self, stream, http: h11.Connection, status: int, body: Any) -> None:
+        data = orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n"
+        out = http.send(h11.Response(status_code=status, headers=[
+            ("content-type", "application/json"), ("content-length", str(len(data))), ("connection", "close")]))
+        out += http.send(h11.Data(data=data)) + http.send(h11.EndOfMessage())
+        await stream.send_all(out)
+
+    # --------------------------------------------------------------- per peer
+
+    async def _websocket(self, stream: trio.SocketStream, address: str, request: h11.Request, leftover: bytes) -> None:
+        handshake = H11Handshake(ConnectionType.SERVER)
+        handshake.initiate_upgrade_connection(request.headers, request.target)
+        if self.stopping:
+            return
+        await stream.send_all(handshake.send(AcceptConnection()))
+        ws = handshake.connection
+        conn_id = next(self._ids)
+        peer = Peer(conn_id, address, stream, ws)
+        self.peers[conn_id] = peer
+        self.execute(self.broker.connected(conn_id, address))
+        try:
+            async with trio.open_nursery() as nursery:
+                peer.cancel_scope = nursery.cancel_scope
+                nursery.start_soon(self._writer, peer)
+                if leftover:
+                    ws.receive_data(leftover)
+                await self._reader(peer)
+                # Let the writer flush what is queued (e.g. a close frame), briefly.
+                peer.closing = True
+                peer.wakeup.set()
+                nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+        finally:
+            del self.peers[conn_id]
+            self.execute(self.broker.disconnected(conn_id, time.time()))
+
+    async def _reader(self, peer: Peer) -> None:
+        ws = peer.ws
+        stream = peer.stream
+        broker = self.broker
+        execute = self.execute
+        max_frame = self.limits.max_frame_bytes
+        parts: list = []
+        size = 0
+        while not peer.closing:
+            try:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            ws.receive_data(data)
+            for event in ws.events():
+                cls = event.__class__
+                if cls is TextMessage or cls is BytesMessage:
+                    size += len(event.data)
+                    if size > max_frame:
+                        self.log.warning("frame too large", conn=peer.id, peer=peer.address, limit_bytes=max_frame,
+                                         reason="frames above the limit close the connection (--max-frame-bytes)")
+                        peer.close(CLOSE_TOO_LARGE, f"frame larger than {max_frame} bytes")
+                        return
+                    if not event.message_finished:
+                        parts.append(event.data)
+                        continue
+                    if parts:
+                        parts.append(event.data)
+                        frame = "".join(parts) if cls is TextMessage else b"".join(parts)
+                        parts = []
+                    else:
+                        frame = event.data
+                    size = 0
+                    execute(broker.frame_received(peer.id, frame, time.time()))
+                    if peer.closing:
+                        return
+                elif cls is Ping:
+                    peer.push(ws.send(event.response()))
+                elif cls is CloseConnection:
+                    if ws.state is ConnectionState.REMOTE_CLOSING:
+                        peer.push(ws.send(event.response()))
+                    peer.closing = True
+                    return
+
+    async def _writer(self, peer: Peer) -> None:
+        stream = peer.stream
+        while True:
+            if not peer.outbox:
+                if peer.closing:
+                    return
+                peer.wakeup = trio.Event()
+                await peer.wakeup.wait()
+                continue
+            data = b"".join(peer.outbox)
+            peer.outbox.clear()
+            peer.outbox_bytes = 0
+            try:
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                peer.closing = True
+                if peer.cancel_scope is not None:
+                    peer.cancel_scope.cancel()
+                return
