@@ -1,0 +1,289 @@
+"""The broker core without sockets: routing, versions, refusals, deployments."""
+
+from core import Harness
+
+from exocom.actions import (CLOSE_ALREADY_REGISTERED, CLOSE_BAD_REGISTRATION, CLOSE_BAD_VERSION,
+                            CLOSE_NOT_REGISTERED, CLOSE_UNKNOWN_ROLE)
+
+ROUTES = {
+    "web": {"sends": ["users create", "ping"], "receives": ["users created", "pong"]},
+    "users": {"receives": ["mongo create", "ping"], "sends": ["mongo created", "pong"],
+              "translations": [{"public": "users create", "internal": "mongo create"},
+                               {"public": "users created", "internal": "mongo created"}]},
+    "audit": {"receives": ["users create"]},
+}
+
+
+def test_one_instance_of_every_receiving_role_under_its_internal_name():
+    h = Harness(ROUTES)
+    web = h.connect("web")
+    users = [h.connect("users") for _ in range(3)]
+    audit = h.connect("audit")
+    for _ in range(6):
+        h.send(web, "users create", {"n": 1})
+    counts = [len(h.take(u)) for u in users]
+    assert counts == [2, 2, 2]
+    assert h.names(audit) == ["users create"] * 6
+
+
+def test_delivered_frame_fields():
+    h = Harness(ROUTES)
+    web, users = h.connect("web"), h.connect("users")
+    sent = h.send(web, "users create", {"x": 1}, activity="act", auth={"token": "t"}, isSecurity=False)
+    [got] = h.take(users)
+    assert got["name"] == "mongo create" and got["sender"] == ""
+    assert (got["id"], got["activityId"], got["payload"]) == (sent["id"], "act", {"x": 1})
+    assert got["auth"] == {"token": "t"} and got["isSecurity"] is False
+    assert "responseTime" not in got and got["timestamp"].endswith("Z")
+    h.now += 0.25
+    h.send(users, "mongo created", None, activity="act")
+    [reply] = h.take(web)
+    assert reply["name"] == "users created"
+    assert reply["responseTime"] == 250_000_000
+
+
+def test_affinity_reply_goes_to_asker_and_fails_over():
+    h = Harness(ROUTES)
+    webs = [h.connect("web") for _ in range(3)]
+    users = [h.connect("users") for _ in range(2)]
+    h.send(webs[1], "ping", activity="A")
+    [target] = [u for u in users if h.take(u)]
+    h.send(target, "pong", activity="A")
+    assert [len(h.take(w)) for w in webs] == [0, 1, 0]
+    # the same users instance keeps the activity
+    for _ in range(3):
+        h.send(webs[1], "ping", activity="A")
+    assert len(h.take(target)) == 3
+    other = next(u for u in users if u != target)
+    h.disconnect(target)
+    h.send(webs[1], "ping", activity="A")
+    assert len(h.take(other)) == 1
+
+
+def test_affinity_expires():
+    h = Harness(ROUTES)
+    web = h.connect("web")
+    users = [h.connect("users") for _ in range(2)]
+    h.send(web, "ping", activity="A")
+    [first] = [u for u in users if h.take(u)]
+    h.tick(61)
+    h.send(web, "ping", activity="A")  # within two periods: still remembered
+    assert len(h.take(first)) == 1
+    h.tick(61)
+    h.tick(61)
+    # forgotten: round robin moves on to the other instance, which is then remembered
+    [other] = [u for u in users if u != first]
+    for _ in range(3):
+        h.send(web, "ping", activity="A")
+    assert (len(h.take(first)), len(h.take(other))) == (0, 3)
+
+
+def test_refusals_keep_connection_and_others_working():
+    h = Harness(ROUTES)
+    web, users = h.connect("web"), h.connect("users")
+    h.frame(web, "not json")
+    h.frame(web, "[1, 2]")
+    h.frame(web, {"id": "no name"})
+    h.frame(web, {"name": "ping", "sender": "users"})  # spoofed
+    h.frame(web, {"name": "pong", "sender": "web"})  # not in sends
+    assert h.take(users) == [] and h.closed == {}
+    refusals = [log.fields["reason"] for log in h.logs if log.event == "message refused"]
+    assert len(refusals) == 5
+    assert "not valid JSON" in refusals[0] and "not a JSON object" in refusals[1]
+    assert "'name'" in refusals[2] and "sender 'users'" in refusals[3] and "not allowed" in refusals[4]
+    h.send(web, "ping")
+    assert len(h.take(users)) == 1
+
+
+def test_registration_refusals():
+    h = Harness(ROUTES)
+    cases = {
+        CLOSE_NOT_REGISTERED: {"name": "ping", "sender": "web"},
+        CLOSE_BAD_REGISTRATION: {"name": "exocom.register-service"},
+        CLOSE_UNKNOWN_ROLE: {"name": "exocom.register-service", "sender": "hacker"},
+        CLOSE_BAD_VERSION: {"name": "exocom.register-service", "sender": "web", "payload": {"version": "banana"}},
+    }
+    for code, frame in cases.items():
+        conn = h.connect()
+        h.frame(conn, frame)
+        assert h.closed[conn][0] == code, frame
+    conn = h.connect()
+    h.frame(conn, "garbage")
+    assert h.closed[conn][0] == CLOSE_NOT_REGISTERED
+    web = h.connect("web")
+    h.register(web, "web")
+    assert h.closed[web][0] == CLOSE_ALREADY_REGISTERED
+    assert h.events("warning").count("registration refused") == 5
+
+
+def test_old_client_registration_is_version_zero():
+    h = Harness(ROUTES)
+    h.connect("web", payload={"clientName": "web"})
+    [client] = h.broker.config_json()["clients"]
+    assert client["versions"] == [{"version": "0.0.0", "state": "live", "instances": 1}]
+
+
+def test_no_receivers_is_logged():
+    h = Harness({"web": {"sends": ["lonely"]}})
+    web = h.connect("web")
+    h.send(web, "lonely")
+    assert "message undeliverable" in h.events("warning")
+
+
+VERSIONED = {
+    "web": {"sends": ["todos.list"], "receives": ["todos.listing"]},
+    "todos": {"receives": ["todos.list"], "sends": ["todos.listing"],
+              "versions": {"2": {"receives": ["todos.list", "todos.search"]}}},
+    "todos-v2-deployment": {"deploys": "todos@2.0.0", "sends": ["todos.list"], "receives": ["todos.listing"]},
+}
+
+
+def test_newest_live_version_and_pinning():
+    h = Harness({k: v for k, v in VERSIONED.items() if k != "todos-v2-deployment"})
+    web = h.connect("web")
+    v1, v2, v11 = h.connect("todos", "1.0.0"), h.connect("todos", "2.0.0"), h.connect("todos", "1.1.0")
+    h.send(web, "todos.list")
+    assert (len(h.take(v1)), len(h.take(v11)), len(h.take(v2))) == (0, 0, 1)
+    h.send(web, "todos.list", version="1")
+    assert (len(h.take(v1)), len(h.take(v11))) == (0, 1)
+    h.send(web, "todos.list", version="1.0.0")
+    assert len(h.take(v1)) == 1
+    h.send(web, "todos.list", version="3")
+    assert not any(h.take(c) for c in (v1, v2, v11))
+    assert any("satisfies version '3'" in str(log.fields) for log in h.logs if log.event == "message undeliverable")
+
+
+def test_response_to_answers_only_the_asker():
+    h = Harness({"a": {"sends": ["q"], "receives": ["r"]}, "b": {"sends": ["q"], "receives": ["r"]},
+                 "server": {"receives": ["q"], "sends": ["r"]}})
+    a, b, server = h.connect("a"), h.connect("b"), h.connect("server")
+    question = h.send(a, "q")
+    h.take(server)
+    h.send(server, "r", activity=question["activityId"], responseTo=question["id"])
+    assert len(h.take(a)) == 1 and h.take(b) == []
+    h.send(server, "r")  # without responseTo: like the old broker, every receiving role
+    assert len(h.take(a)) == 1 and len(h.take(b)) == 1
+
+
+def test_deployment_handshake_holds_then_goes_live():
+    h = Harness(VERSIONED)
+    web, v1 = h.connect("web"), h.connect("todos", "1.0.0")
+    v2 = h.connect("todos", "2.0.0")
+    assert h.broker.registry.pool("todos", v2_version()).state == "held"
+    h.send(web, "todos.list")
+    assert (len(h.take(v1)), len(h.take(v2))) == (1, 0)
+    script = h.connect("todos-v2-deployment", "1.0.0")
+    [start] = h.take(script)
+    assert start["name"] == "deployment-todos-2.0.0-offline-start"
+    # the script reaches the held version; production traffic still does not
+    h.send(script, "todos.list", activity="migration")
+    assert len(h.take(v2)) == 1
+    h.send(web, "todos.list")
+    assert (len(h.take(v1)), len(h.take(v2))) == (1, 0)
+    h.send(script, "deployment-todos-2.0.0-offline-done", activity=start["activityId"])
+    [online] = h.take(script)
+    assert online["name"] == "deployment-todos-2.0.0-online-start"
+    h.send(web, "todos.list")
+    assert (len(h.take(v1)), len(h.take(v2))) == (0, 1)
+    h.send(web, "todos.list", version="1")
+    assert len(h.take(v1)) == 1
+    h.send(script, "deployment-todos-2.0.0-online-done", activity=online["activityId"])
+    assert h.broker.deployments_json()[0]["finished"] is True
+    assert [r["event"] for r in h.ledger] == ["started", "done", "started", "done"]
+    assert h.take(web) == []  # the answers are consumed, not routed
+
+
+def v2_version():
+    from exocom.versions import Version
+    return Version("2.0.0")
+
+
+def test_nothing_is_live_before_the_done_record_is_written():
+    h = Harness(VERSIONED, auto_write=False)
+    web, v1, v2, script = (h.connect("web"), h.connect("todos", "1.0.0"), h.connect("todos", "2.0.0"),
+                           h.connect("todos-v2-deployment"))
+    h.write_one()  # offline started
+    [start] = h.take(script)
+    h.send(script, "deployment-todos-2.0.0-offline-done", activity=start["activityId"])
+    assert h.unwritten and h.unwritten[0]["event"] == "done"
+    h.send(web, "todos.list")
+    assert (len(h.take(v1)), len(h.take(v2))) == (1, 0)
+    h.write_one()
+    h.send(web, "todos.list")
+    assert (len(h.take(v1)), len(h.take(v2))) == (0, 1)
+
+
+def test_failure_takes_version_out_and_retry_rearms():
+    h = Harness(VERSIONED)
+    web, v1, v2, script = (h.connect("web"), h.connect("todos", "1.0.0"), h.connect("todos", "2.0.0"),
+                           h.connect("todos-v2-deployment"))
+    [start] = h.take(script)
+    h.send(script, "deployment-todos-2.0.0-offline-done", activity=start["activityId"])
+    [online] = h.take(script)
+    h.send(web, "todos.list")
+    assert len(h.take(v2)) == 1
+    h.send(script, "deployment-todos-2.0.0-online-failed", {"reason": "index corrupt"}, activity=online["activityId"])
+    assert h.broker.registry.pool("todos", v2_version()).state == "failed"
+    h.send(web, "todos.list")
+    assert (len(h.take(v1)), len(h.take(v2))) == (1, 0)
+    [d] = h.broker.deployments_json()
+    assert d["state"] == "failed" and d["steps"][1]["lastError"] == "index corrupt"
+    h.run(h.broker.retry("todos", "2.0.0", h.now))
+    [again] = h.take(script)
+    assert again["name"] == "deployment-todos-2.0.0-online-start" and again["payload"] == {"attempt": 2}
+    # offline stays done: never started again
+    assert [r["step"] for r in h.ledger if r["event"] == "started"] == ["offline", "online", "online"]
+
+
+def test_step_time_limit():
+    h = Harness(VERSIONED, step_timeout=30)
+    h.connect("todos", "2.0.0")
+    script = h.connect("todos-v2-deployment")
+    [start] = h.take(script)
+    h.tick(29)
+    assert h.broker.deployments_json()[0]["state"] == "held"
+    h.tick(2)
+    [d] = h.broker.deployments_json()
+    assert d["state"] == "failed" and "time limit of 30s" in d["steps"][0]["lastError"]
+    h.send(script, "deployment-todos-2.0.0-offline-done", activity=start["activityId"])
+    assert h.broker.deployments_json()[0]["state"] == "failed"
+    assert "deployment answer ignored" in h.events("warning")
+
+
+def test_script_disconnect_mid_step_gets_the_step_again():
+    h = Harness(VERSIONED)
+    h.connect("todos", "2.0.0")
+    script = h.connect("todos-v2-deployment")
+    [start] = h.take(script)
+    h.disconnect(script)
+    script2 = h.connect("todos-v2-deployment")
+    [again] = h.take(script2)
+    assert again["name"] == start["name"] and again["activityId"] != start["activityId"]
+    assert again["payload"] == {"attempt": 2}
+
+
+def test_restart_from_ledger_neither_repeats_nor_loses_steps():
+    h = Harness(VERSIONED)
+    h.connect("todos", "2.0.0")
+    script = h.connect("todos-v2-deployment")
+    [start] = h.take(script)
+    h.send(script, "deployment-todos-2.0.0-offline-done", activity=start["activityId"])
+    # broker restarts: online was started but never answered
+    h2 = Harness(VERSIONED, records=h.ledger)
+    v2 = h2.connect("todos", "2.0.0")
+    web = h2.connect("web")
+    h2.send(web, "todos.list")
+    assert len(h2.take(v2)) == 1  # live as soon as it registers
+    script = h2.connect("todos-v2-deployment")
+    [again] = h2.take(script)
+    assert again["name"] == "deployment-todos-2.0.0-online-start"
+
+
+def test_only_the_script_may_answer():
+    h = Harness(VERSIONED)
+    h.connect("todos", "2.0.0")
+    web = h.connect("web")
+    script = h.connect("todos-v2-deployment")
+    [start] = h.take(script)
+    h.send(web, "deployment-todos-2.0.0-offline-done", activity=start["activityId"])
+    assert h.broker.deployments_json()[0]["state"] == "held"
