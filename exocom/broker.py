@@ -41,6 +41,7 @@ _UTC = timezone.utc
 _fromtimestamp = datetime.fromtimestamp
 # Fields of an incoming message that are passed through to receivers as they are.
 _PASS_THROUGH = ("auth", "isSecurity", "responseTo")
+_SECURITY_ANSWERS = frozenset(("message authorized", "message unauthorized", "security request"))
 
 
 def new_id() -> str:
@@ -117,16 +118,19 @@ class Broker:
         name = message.get("name")
         if name.__class__ is not str:
             return [self._refusal(instance, "the message has no string 'name'")]
-        sender = message.get("sender")
-        if sender is not None and sender != instance.role:
-            return [self._refusal(instance, f"sender {sender!r} is not the role this connection registered as", name=name)]
         if name == REGISTER:
             return [
                 self._refusal(instance, "already registered", name=name),
                 Close(conn, CLOSE_ALREADY_REGISTERED, f"already registered as {instance.role}"),
             ]
+        sender = message.get("sender")
+        if sender is not None and sender != instance.role:
+            return [self._refusal(instance, f"sender {sender!r} is not the role this connection registered as", name=name)]
         if name in self.handshake_answers:
             return self._handshake_answer(instance, message, name, now)
+        if self.has_security and instance.role == SECURITY_ROLE and name in _SECURITY_ANSWERS:
+            # The security service needs no sends of its own for the adapter's messages.
+            return self._security(instance, message, name, now)
         if name not in instance.profile.sends:
             return [self._refusal(instance, f"role {instance.role!r} is not allowed to send {name!r} (not in its sends)", name=name)]
         if self.has_security:
@@ -352,8 +356,11 @@ class Broker:
             if key in message:
                 out[key] = message[key]
         actions.append(Deliver(target.conn, _dumps(out, option=_OPT)))
-        if activity is not None and target.role not in activity.members:
-            activity.members[target.role] = (target.conn, False)
+        if activity is not None:
+            member = activity.members.get(target.role)
+            if member is None or member[0] != target.conn:
+                # First delivery, or failover from an instance that is gone: remember the new one.
+                activity.members[target.role] = (target.conn, False)
         if self.log_deliveries:
             actions.append(Log("debug", "message delivered", {
                 "sender": sender.role, "sender_version": str(sender.version), "receiver": target.role,
@@ -400,6 +407,7 @@ class Broker:
                     return actions
                 request.setdefault("id", new_id())
                 request.setdefault("activityId", new_id())
+                request["isSecurity"] = True
                 self.security_requests.put(request["activityId"], activity_id)
                 self._route(instance, request, request["name"], now, actions, public=request["name"])
                 return actions

@@ -111,25 +111,34 @@ def serve(args, environ) -> int:
                     log_deliveries=args.log_level == "debug", now=time.time())
     server = Server(broker, ledger, Limits(args.max_frame_bytes, args.max_outbox_bytes), grace_period=args.grace_period)
 
+    listen_error: list[OSError] = []
+
     async def run():
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve, args.host, port)
+            try:
+                await nursery.start(server.serve, args.host, port)
+            except OSError as e:
+                # Raised here unwrapped; once out of the nursery it would be an
+                # ExceptionGroup that the handler below does not catch.
+                listen_error.append(e)
+                return
             log.info("broker listening", host=args.host, port=server.port, config_source=config.source,
                      roles=sorted(config.roles), deployments=[str(d) for _, d, _ in config.deployments()],
                      state_dir=str(Path(state_dir).resolve()), ledger_records=len(records), version=__version__)
 
     try:
         trio.run(run)
-    except OSError as e:
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ledger.close()
+    if listen_error:
+        e = listen_error[0]
         if e.errno == errno.EADDRINUSE:
             return fail(f"port {port} on {args.host} is already in use: stop the other process or pass --port")
         if e.errno == errno.EACCES:
             return fail(f"no permission to listen on port {port}: use a port above 1023 or pass --port")
         return fail(f"cannot listen on {args.host}:{port}: {e}")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        ledger.close()
     log.info("broker stopped")
     return 0
 

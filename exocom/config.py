@@ -205,6 +205,8 @@ def load_file(path: str | os.PathLike[str]) -> Config:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read configuration file {str(p)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read configuration file {str(p)!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return parse_text(text, str(p))
 
 

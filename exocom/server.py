@@ -95,6 +95,8 @@ class Server:
         self._ids = itertools.count(1)
         self._ledger_send, self._ledger_receive = trio.open_memory_channel(math.inf)
         self.listeners: list[trio.SocketListener] = []
+        # Cancelled to stop accepting connections (on SIGTERM); it also closes the listeners.
+        self._accept_scope = trio.CancelScope()
         self.started_at = time.time()
         self.stopping = False
 
@@ -148,9 +150,16 @@ class Server:
             nursery.start_soon(self._ledger_writer)
             if self.handle_signals:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
-            await nursery.start(trio.serve_listeners, self._handle_tcp, listeners)
+            await nursery.start(self._accept, listeners, nursery)
             self.execute(self.broker.starting(time.time()))
             task_status.started(listeners)
+
+    async def _accept(self, listeners, handler_nursery, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        # Connections run in the server's nursery, so that stopping to accept
+        # does not end the connections that are already open.
+        with self._accept_scope:
+            await trio.serve_listeners(self._handle_tcp, listeners, handler_nursery=handler_nursery,
+                                       task_status=task_status)
 
     @property
     def port(self) -> int:
@@ -186,8 +195,10 @@ class Server:
                 self.stopping = True
                 self.log.info("broker stopping", signal=signal.Signals(signum).name,
                               grace_period_s=self.grace_period)
-                for listener in self.listeners:
-                    await listener.aclose()
+                # Closing a listener under serve_listeners' pending accept() would make it
+                # raise ClosedResourceError and crash the server: cancel the accept loop
+                # instead (it closes the listeners as it ends).
+                self._accept_scope.cancel()
                 for peer in list(self.peers.values()):
                     peer.close(CLOSE_GOING_AWAY, "exocom is shutting down")
                 cancel_scope.deadline = trio.current_time() + self.grace_period

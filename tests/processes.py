@@ -1,0 +1,110 @@
+"""Real processes for end-to-end tests: `exocom serve` and the example services."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "todo_app"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class BrokerProcess:
+    def __init__(self, tmp_path: Path, *args: str, port: int | None = None, env: dict | None = None,
+                 log_name: str = "broker.log"):
+        self.port = port or free_port()
+        self.state_dir = tmp_path / "state"
+        self.log_path = tmp_path / log_name
+        self.args = ["--port", str(self.port), "--host", "127.0.0.1", "--state-dir", str(self.state_dir),
+                     "--log-format", "json", *args]
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/services"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> BrokerProcess:
+        log = open(self.log_path, "a")
+        self.process = subprocess.Popen([sys.executable, "-m", "exocom", "serve", *self.args],
+                                        stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        log.close()
+        wait_for(lambda: self.process.poll() is not None or self.get("/healthz") is not None,
+                 what="the broker to listen")
+        assert self.process.poll() is None, self.log_path.read_text()
+        return self
+
+    def get(self, path: str):
+        try:
+            with urllib.request.urlopen(self.http + path, timeout=2) as response:
+                return json.loads(response.read())
+        except OSError:
+            return None
+
+    def events(self) -> list[dict]:
+        lines = self.log_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def deployment(self, role: str, version: str) -> dict | None:
+        body = self.get("/deployments") or {"deployments": []}
+        return next((d for d in body["deployments"] if d["role"] == role and d["version"] == version), None)
+
+    def wait_registered(self, role: str, instances: int = 1) -> None:
+        def registered():
+            config = self.get("/config.json") or {"clients": []}
+            return any(c["role"] == role and c["instances"] >= instances for c in config["clients"])
+        wait_for(registered, what=f"{role} to register")
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=15)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_example(script: str, *args: str, log: Path) -> subprocess.Popen:
+    out = open(log, "a")
+    process = subprocess.Popen([sys.executable, str(EXAMPLES / script), *args], stdout=out,
+                               stderr=subprocess.STDOUT, cwd=EXAMPLES)
+    out.close()
+    return process
+
+
+def run_web(url: str, *args: str, timeout: float = 5.0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXAMPLES / "web.py"), "--url", url, "--timeout", str(timeout), *args],
+                          capture_output=True, text=True, cwd=EXAMPLES, timeout=60)

@@ -1,0 +1,70 @@
+"""The tutorial's "Migration Scripts" feature, with real processes and sockets:
+
+  Given a todos service with the entries "one" and "two"
+  And a todo-search service (0.0.1)
+  When the deployment script runs
+  Then the todo-search service knows about these documents
+  And the todos service still contains these entries
+  And no production message reached todo-search before offline-done.
+"""
+
+import json
+
+import pytest
+
+from processes import ROOT, BrokerProcess, run_web, start_example, wait_for
+
+
+@pytest.fixture
+def stack(tmp_path):
+    broker = BrokerProcess(tmp_path, "--config", str(ROOT / "config" / "todo-app.yml"), "--log-level", "debug")
+    processes = []
+    try:
+        yield broker, processes
+    finally:
+        for p in processes:
+            p.terminate()
+        for p in processes:
+            p.wait(timeout=10)
+        broker.stop()
+
+
+def titles(result):
+    assert result.returncode == 0, result.stderr
+    return sorted(todo["title"] for todo in json.loads(result.stdout))
+
+
+def test_deploying_todo_search_fills_it_with_existing_todos(stack, tmp_path):
+    broker, processes = stack
+    broker.start()
+    log = tmp_path / "services.log"
+    processes.append(start_example("todos.py", "--url", broker.url, "--db", str(tmp_path / "todos.db"), log=log))
+    broker.wait_registered("todos")
+    for title in ("one", "two"):
+        assert run_web(broker.url, "add", title).returncode == 0
+
+    processes.append(start_example("todo_search.py", "--url", broker.url, "--version", "0.0.1", log=log))
+    broker.wait_registered("todo-search")
+    assert broker.deployment("todo-search", "0.0.1")["state"] == "held"
+    held_query = run_web(broker.url, "search", "*", timeout=1)
+    assert held_query.returncode != 0, "a held version answered production traffic"
+
+    processes.append(start_example("todo_search_deployment.py", "--url", broker.url, log=log))
+    wait_for(lambda: broker.deployment("todo-search", "0.0.1")["finished"], timeout=20, what="the deployment")
+
+    assert titles(run_web(broker.url, "search", "*")) == ["one", "two"]
+    assert titles(run_web(broker.url, "search", "two")) == ["two"]
+    assert titles(run_web(broker.url, "list")) == ["one", "two"]
+
+    events = broker.events()
+    names = [e["event"] for e in events]
+    live_at = names.index("version live")
+    assert names.index("offline step started") < names.index("offline step done") < live_at
+    assert live_at < names.index("online step started") < names.index("online step done") < names.index("deployment finished")
+    to_search = [i for i, e in enumerate(events) if e["event"] == "message delivered"
+                 and e["receiver"] == "todo-search" and e["sender"] != "todo-search-deployment"]
+    assert to_search, "production traffic should reach todo-search once it is live"
+    assert min(to_search) > live_at, "production traffic reached todo-search before offline-done"
+    [deployment] = (broker.get("/deployments"))["deployments"]
+    assert [s["status"] for s in deployment["steps"]] == ["done", "done"]
+    assert [s["attempts"] for s in deployment["steps"]] == [1, 1]
