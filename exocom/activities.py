@@ -2,32 +2,36 @@
 instance of each role took part (activity affinity), when the activity was
 last seen (for `responseTime`), and who sent a command (for `responseTo`).
 
-Entries live in two generations that rotate every `ttl` seconds, so an entry
-expires between one and two `ttl` after it was last touched, memory stays
-bounded by traffic over two periods, and no per-entry timer is needed.
+An activity record is a plain dict: the key `LAST_SEEN` holds the time the
+activity was last seen, every other key is a role and its value the
+connection id of that role's instance -- positive when that instance sent on
+the activity itself (it asked, so a reply may reach it even while its version
+is held), negative when it only received. Records hold only strings, floats
+and ints, so the garbage collector never has to traverse them: with hundreds
+of thousands of live activities that keeps collection pauses short.
+
+Entries live in two generations that rotate every `ttl` seconds, or earlier
+when the young generation reaches `max_entries`; an entry is forgotten one to
+two periods after its last use, and memory stays bounded under any load.
 """
 
 from __future__ import annotations
 
+LAST_SEEN = ""  # roles are never empty strings
 
-class Activity:
-    __slots__ = ("last_seen", "members")
 
-    def __init__(self, now: float):
-        self.last_seen = now
-        # role -> (conn, asked): asked is True when that instance itself sent
-        # on this activity, which lets a reply reach it even while its version
-        # is held (it is the asker).
-        self.members: dict[str, tuple[int, bool]] = {}
+def new_activity(now: float) -> dict:
+    return {LAST_SEEN: now}
 
 
 class Generations:
-    """A dict whose entries expire one to two `ttl` after their last use."""
+    """A dict whose entries expire one to two periods after their last use."""
 
-    __slots__ = ("ttl", "young", "old", "rotated_at")
+    __slots__ = ("ttl", "max_entries", "young", "old", "rotated_at")
 
-    def __init__(self, ttl: float, now: float = 0.0):
+    def __init__(self, ttl: float, now: float = 0.0, max_entries: int = 100_000):
         self.ttl = ttl
+        self.max_entries = max_entries
         self.young: dict = {}
         self.old: dict = {}
         self.rotated_at = now
@@ -41,7 +45,15 @@ class Generations:
         return value
 
     def put(self, key, value) -> None:
-        self.young[key] = value
+        young = self.young
+        young[key] = value
+        if len(young) >= self.max_entries:
+            self.old = young
+            self.young = {}
+
+    def pop(self, key):
+        value = self.young.pop(key, None)
+        return value if value is not None else self.old.pop(key, None)
 
     def rotate_if_due(self, now: float) -> None:
         if now - self.rotated_at >= self.ttl:

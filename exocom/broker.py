@@ -26,8 +26,9 @@ from .actions import (
     Log,
     WriteRecord,
 )
-from .activities import Activity, Generations
+from .activities import LAST_SEEN, Generations, new_activity
 from .config import Config
+from .metrics import Stats
 from .registry import FAILED, HELD, LIVE, Instance, Registry, VersionPool
 from .routing import RoutingTable
 from .versions import UNVERSIONED, InvalidRequirement, InvalidVersion, Requirement, Version
@@ -56,6 +57,7 @@ class Broker:
         ledger_records: list[dict[str, Any]] = (),
         step_timeout: float = 300.0,
         activity_ttl: float = 60.0,
+        max_activities: int = 100_000,
         log_deliveries: bool = False,
         now: float = 0.0,
     ):
@@ -63,11 +65,12 @@ class Broker:
         self.table = RoutingTable(config)
         self.registry = Registry()
         self.pending: dict[int, str] = {}  # connected, not yet registered: conn -> peer
-        self.activities = Generations(activity_ttl, now)
-        self.commands = Generations(activity_ttl, now)  # message id -> sender conn
+        self.activities = Generations(activity_ttl, now, max_activities)
+        self.commands = Generations(activity_ttl, now, max_activities)  # message id -> sender conn
         self.authorizations = Generations(activity_ttl, now)  # security: activity -> (message, sender conn)
         self.security_requests = Generations(activity_ttl, now)  # activity -> security's activity
         self.log_deliveries = log_deliveries
+        self.stats = Stats()
         self.has_security = config.has_security
         self.deployments: dict[tuple[str, str], dep.Deployment] = {}
         self.deployment_by_script: dict[str, dep.Deployment] = {}
@@ -114,25 +117,25 @@ class Broker:
         if instance is None:
             return self._register(conn, message, now)
         if message.__class__ is not dict:
-            return [self._refusal(instance, "not a JSON object" if message is not None else "not valid JSON")]
+            return [self._refusal(instance, *(("not_object", "not a JSON object") if message is not None else ("not_json", "not valid JSON")))]
         name = message.get("name")
         if name.__class__ is not str:
-            return [self._refusal(instance, "the message has no string 'name'")]
+            return [self._refusal(instance, "no_name", "the message has no string 'name'")]
         if name == REGISTER:
             return [
-                self._refusal(instance, "already registered", name=name),
+                self._refusal(instance, "already_registered", "already registered", name=name),
                 Close(conn, CLOSE_ALREADY_REGISTERED, f"already registered as {instance.role}"),
             ]
         sender = message.get("sender")
         if sender is not None and sender != instance.role:
-            return [self._refusal(instance, f"sender {sender!r} is not the role this connection registered as", name=name)]
+            return [self._refusal(instance, "spoofed_sender", f"sender {sender!r} is not the role this connection registered as", name=name)]
         if name in self.handshake_answers:
             return self._handshake_answer(instance, message, name, now)
         if self.has_security and instance.role == SECURITY_ROLE and name in _SECURITY_ANSWERS:
             # The security service needs no sends of its own for the adapter's messages.
             return self._security(instance, message, name, now)
         if name not in instance.profile.sends:
-            return [self._refusal(instance, f"role {instance.role!r} is not allowed to send {name!r} (not in its sends)", name=name)]
+            return [self._refusal(instance, "not_allowed", f"role {instance.role!r} is not allowed to send {name!r} (not in its sends)", name=name)]
         if self.has_security:
             return self._security(instance, message, name, now)
         actions: list = []
@@ -209,6 +212,7 @@ class Broker:
 
         def refuse(code: int, reason: str) -> list:
             self.pending.pop(conn, None)
+            self.stats.registrations_refused[code] += 1
             return [Log("warning", "registration refused", {"peer": peer, "conn": conn, "code": code, "reason": reason}),
                     Close(conn, code, reason)]
 
@@ -233,6 +237,7 @@ class Broker:
         d = self.deployments.get((role, str(version)))
         state = d.state if d is not None else LIVE
         instance = Instance(conn, role, version, routes.profile_for(version), peer, versioned)
+        instance.metric_key = (role, self.stats.version_label(role, str(version)))
         self.registry.add(instance, state)
         actions: list = [Log("info", "service registered", {
             "role": role, "version": str(version), "instance": instance.label, "peer": peer, "state": state})]
@@ -251,18 +256,19 @@ class Broker:
         instance of every role that receives it."""
         if public is None:
             public = sender.profile.public_name(name)
+        self.stats.routed += 1
         activity_id = message.get("activityId")
         activity = None
         response_time = None
         if activity_id.__class__ is str:
             activity = self.activities.get(activity_id)
             if activity is None:
-                activity = Activity(now)
+                activity = {LAST_SEEN: now}
                 self.activities.put(activity_id, activity)
             else:
-                response_time = int((now - activity.last_seen) * 1e9)
-                activity.last_seen = now
-            activity.members[sender.role] = (sender.conn, True)
+                response_time = int((now - activity[LAST_SEEN]) * 1e9)
+                activity[LAST_SEEN] = now
+            activity[sender.role] = sender.conn
         message_id = message.get("id")
         if message_id.__class__ is str:
             self.commands.put(message_id, sender.conn)
@@ -273,7 +279,7 @@ class Broker:
             try:
                 requirement = Requirement(raw_requirement)
             except InvalidRequirement as e:
-                actions.append(self._refusal(sender, str(e), name=name))
+                actions.append(self._refusal(sender, "bad_version_requirement", str(e), name=name))
                 return
 
         # An answer to a command we routed recently goes back to the asker only.
@@ -281,16 +287,20 @@ class Broker:
         if response_to.__class__ is str:
             asker = self.registry.by_conn.get(self.commands.get(response_to))
             if asker is not None and public in asker.profile.receives:
-                self._deliver(sender, asker, message, public, activity, response_time, now, actions)
+                self._deliver(sender, asker, message, public, activity, self._frame(message, response_time, now),
+                              {}, actions)
                 return
 
         roles = self.table.receivers.get(public)
         if not roles:
+            self.stats.undeliverable[public] += 1
             actions.append(Log("warning", "message undeliverable", {
                 "sender": sender.role, "name": public, "reason": "no role receives this message"}))
             return
         script_of = self.deployment_by_script.get(sender.role)
         missed = None
+        frame = self._frame(message, response_time, now)
+        encoded: dict[str, bytes] = {}
         for role in roles:
             if script_of is not None and role == script_of.target.role:
                 # A deployment script talks to the version it deploys, held or not.
@@ -303,23 +313,25 @@ class Broker:
                     missed = {}
                 missed[role] = reason
                 continue
-            self._deliver(sender, target, message, public, activity, response_time, now, actions)
+            self._deliver(sender, target, message, public, activity, frame, encoded, actions)
         if missed is not None:
             # Nobody got it: a warning. Some roles got it: the others are a detail.
             level = "warning" if len(missed) == len(roles) else "debug"
+            if len(missed) == len(roles):
+                self.stats.undeliverable[public] += 1
             actions.append(Log(level, "message undeliverable", {
                 "sender": sender.role, "name": public, "activity_id": activity_id, "missed": missed}))
 
-    def _choose(self, role: str, public: str, activity: Activity | None,
+    def _choose(self, role: str, public: str, activity: dict | None,
                 requirement: Requirement | None) -> tuple[Instance | None, str]:
         if activity is not None:
-            member = activity.members.get(role)
+            member = activity.get(role)
             if member is not None:
-                instance = self.registry.by_conn.get(member[0])
+                instance = self.registry.by_conn.get(abs(member))
                 # Affinity holds whatever the version, but a held or failed
                 # version is only reached when it asked on this activity itself.
                 if instance is not None and public in instance.profile.receives and (
-                    member[1] or instance.pool.state == LIVE
+                    member > 0 or instance.pool.state == LIVE
                 ):
                     return instance, ""
         for pool in self.registry.pools.get(role, ()):
@@ -339,11 +351,11 @@ class Broker:
             return None
         return pool.pick()
 
-    def _deliver(self, sender: Instance, target: Instance, message: dict, public: str,
-                 activity: Activity | None, response_time: int | None, now: float, actions: list) -> None:
-        internal = target.profile.internal_name(public)
+    @staticmethod
+    def _frame(message: dict, response_time: int | None, now: float) -> dict:
+        """What every receiver of `message` gets, but for the name; built once per message."""
         out = {
-            "name": internal,
+            "name": None,
             "sender": "",
             "id": message.get("id"),
             "activityId": message.get("activityId"),
@@ -355,13 +367,25 @@ class Broker:
         for key in _PASS_THROUGH:
             if key in message:
                 out[key] = message[key]
-        actions.append(Deliver(target.conn, _dumps(out, option=_OPT)))
+        return out
+
+    def _deliver(self, sender: Instance, target: Instance, message: dict, public: str, activity: dict | None,
+                 frame: dict, encoded: dict, actions: list) -> None:
+        internal = target.profile.internal_name(public)
+        # Receivers that know the message by the same name share one encoding.
+        data = encoded.get(internal)
+        if data is None:
+            frame["name"] = internal
+            data = encoded[internal] = _dumps(frame, option=_OPT)
+        actions.append(Deliver(target.conn, data))
+        self.stats.delivered(target)
         if activity is not None:
-            member = activity.members.get(target.role)
-            if member is None or member[0] != target.conn:
+            member = activity.get(target.role)
+            if member is None or abs(member) != target.conn:
                 # First delivery, or failover from an instance that is gone: remember the new one.
-                activity.members[target.role] = (target.conn, False)
+                activity[target.role] = -target.conn
         if self.log_deliveries:
+            response_time = frame.get("responseTime")
             actions.append(Log("debug", "message delivered", {
                 "sender": sender.role, "sender_version": str(sender.version), "receiver": target.role,
                 "receiver_version": str(target.version), "instance": target.label, "name": public,
@@ -370,9 +394,10 @@ class Broker:
                 "response_time_ms": response_time / 1e6 if response_time else None,
             }))
 
-    def _refusal(self, instance: Instance, reason: str, name: str | None = None) -> Log:
-        return Log("warning", "message refused", {"role": instance.role, "instance": instance.label,
-                                                  "peer": instance.peer, "name": name, "reason": reason})
+    def _refusal(self, instance: Instance, code: str, reason: str, name: str | None = None) -> Log:
+        self.stats.refused[code] += 1
+        return Log("warning", "message refused", {"role": instance.role, "instance": instance.label, "peer": instance.peer,
+                                                  "name": name, "code": code, "reason": reason})
 
     # ---------------------------------------------------------------- security
 
@@ -385,9 +410,9 @@ class Broker:
             if name in ("message authorized", "message unauthorized"):
                 pending = self.authorizations.get(activity_id)
                 if pending is None:
-                    actions.append(self._refusal(instance, "answer to an unknown or expired authorization", name=name))
+                    actions.append(self._refusal(instance, "unknown_authorization", "answer to an unknown or expired authorization", name=name))
                     return actions
-                self.authorizations.young.pop(activity_id, None)
+                self.authorizations.pop(activity_id)
                 original, sender_conn = pending
                 sender = self.registry.by_conn.get(sender_conn)
                 if sender is None:
@@ -403,7 +428,7 @@ class Broker:
             if name == "security request":
                 request = message.get("payload")
                 if not isinstance(request, dict) or not isinstance(request.get("name"), str):
-                    actions.append(self._refusal(instance, "'security request' needs a message object as payload", name=name))
+                    actions.append(self._refusal(instance, "bad_security_request", "'security request' needs a message object as payload", name=name))
                     return actions
                 request.setdefault("id", new_id())
                 request.setdefault("activityId", new_id())
@@ -416,7 +441,7 @@ class Broker:
         security_activity = self.security_requests.get(activity_id)
         if security_activity is not None:
             # An answer to the security service's own query: wrapped and sent back to it.
-            self.security_requests.young.pop(activity_id, None)
+            self.security_requests.pop(activity_id)
             self._send_to_role(SECURITY_ROLE, {"name": "security response", "id": new_id(),
                                                "activityId": security_activity, "payload": message,
                                                "isSecurity": True}, now, actions)
@@ -449,7 +474,7 @@ class Broker:
     def _handshake_answer(self, instance: Instance, message: dict, name: str, now: float) -> list:
         d, step, outcome = self.handshake_answers[name]
         if instance.role != d.script_role:
-            return [self._refusal(instance, f"only {d.script_role!r} may answer the deployment of {d.target}", name=name)]
+            return [self._refusal(instance, "not_deployment_script", f"only {d.script_role!r} may answer the deployment of {d.target}", name=name)]
         flight = d.in_flight
         if flight is None or flight.step != step:
             return [self._deployment_log("warning", "deployment answer ignored", d, step, now,
@@ -486,8 +511,8 @@ class Broker:
         script = scripts[0].pick()
         activity_id = new_id()
         d.in_flight = dep.InFlight(step, activity_id, script.conn, now, now + d.step_timeout)
-        activity = Activity(now)
-        activity.members[d.script_role] = (script.conn, True)
+        activity = new_activity(now)
+        activity[d.script_role] = script.conn
         self.activities.put(activity_id, activity)
         self._send_to(script, {"name": dep.message_name(d.target, step, "start"), "id": new_id(),
                                "activityId": activity_id, "payload": {"attempt": attempt}}, now, actions)

@@ -10,7 +10,7 @@ LIVE, HELD, FAILED = "live", "held", "failed"
 
 
 class Instance:
-    __slots__ = ("conn", "role", "version", "profile", "peer", "versioned", "pool")
+    __slots__ = ("conn", "role", "version", "profile", "peer", "versioned", "pool", "metric_key")
 
     def __init__(self, conn: int, role: str, version: Version, profile: CompiledProfile, peer: str, versioned: bool):
         self.conn = conn
@@ -22,6 +22,7 @@ class Instance:
         # did not ask for; versioned clients speak our extended protocol.
         self.versioned = versioned
         self.pool: VersionPool | None = None
+        self.metric_key = (role, str(version))  # replaced by the broker with a capped label
 
     @property
     def label(self) -> str:
