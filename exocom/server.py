@@ -22,15 +22,18 @@ from typing import Any
 import h11
 import orjson
 import trio
-from wsproto.connection import Connection as WSConnection
-from wsproto.connection import ConnectionState, ConnectionType
-from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.connection import ConnectionType
+from wsproto.events import AcceptConnection
 from wsproto.handshake import H11Handshake
+from wsproto.utilities import RemoteProtocolError as HandshakeError
 
-from .actions import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER, CLOSE_TOO_LARGE, Close, Deliver, Log, WriteRecord
+from .actions import CLOSE_GOING_AWAY, CLOSE_TOO_LARGE, Close, Deliver, Log, WriteRecord
 from .broker import Broker
+from .frames import BINARY, CLOSE, PING, PONG, TEXT, FrameDecoder, ProtocolError, close_frame, frame, parse_close, text_header
 from .ledger import Ledger, LedgerError
 from .logs import get_logger
+from .readiness import readiness
+from .metrics import render as render_metrics
 
 RECEIVE_SIZE = 65536
 HTTP_TIMEOUT = 10.0
@@ -43,30 +46,21 @@ class Limits:
     max_outbox_bytes: int = 8 * 1024 * 1024
 
 
-def text_frame(payload: bytes) -> bytes:
-    """The header of an unmasked, final WebSocket text frame (server to client)."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n))
-    if n < 65536:
-        return b"\x81\x7e" + n.to_bytes(2, "big")
-    return b"\x81\x7f" + n.to_bytes(8, "big")
-
-
 class Peer:
-    """One WebSocket connection: its stream, protocol state and outbox."""
+    """One WebSocket connection: its stream and outbox."""
 
-    __slots__ = ("id", "address", "stream", "ws", "outbox", "outbox_bytes", "wakeup", "closing", "cancel_scope")
+    __slots__ = ("id", "address", "stream", "outbox", "outbox_bytes", "wakeup", "closing", "close_sent",
+                 "cancel_scope")
 
-    def __init__(self, conn_id: int, address: str, stream: trio.abc.Stream, ws: WSConnection):
+    def __init__(self, conn_id: int, address: str, stream: trio.abc.Stream):
         self.id = conn_id
         self.address = address
         self.stream = stream
-        self.ws = ws
         self.outbox: list[bytes] = []
         self.outbox_bytes = 0
         self.wakeup = trio.Event()
         self.closing = False
+        self.close_sent = False
         self.cancel_scope: trio.CancelScope | None = None
 
     def push(self, data: bytes) -> None:
@@ -75,11 +69,11 @@ class Peer:
         self.wakeup.set()
 
     def close(self, code: int, reason: str) -> None:
-        if self.closing:
-            return
+        """Send a close frame after what is queued, and stop reading."""
         self.closing = True
-        if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-            self.push(self.ws.send(CloseConnection(code=code, reason=reason)))
+        if not self.close_sent:
+            self.close_sent = True
+            self.push(close_frame(code, reason))
 
 
 class Server:
@@ -111,11 +105,17 @@ class Server:
                 peer = peers.get(action.conn)
                 if peer is None or peer.closing:
                     continue
-                if peer.outbox_bytes + len(action.data) > max_outbox:
+                data = action.data
+                size = len(data)
+                if peer.outbox_bytes + size > max_outbox:
                     self._drop_slow_consumer(peer)
                     continue
-                peer.outbox.append(text_frame(action.data))
-                peer.push(action.data)
+                outbox = peer.outbox
+                if not outbox:
+                    peer.wakeup.set()
+                outbox.append(text_header(size))
+                outbox.append(data)
+                peer.outbox_bytes += size
             elif cls is Log:
                 getattr(self.log, action.level)(action.event, **action.fields)
             elif cls is Close:
@@ -134,6 +134,8 @@ class Server:
             reason=f"its outbox exceeded {self.limits.max_outbox_bytes} bytes; the frames queued for it are dropped",
         )
         peer.closing = True
+        self.broker.stats.slow_consumers += 1
+        self.broker.stats.outbox_dropped_frames += len(peer.outbox) // 2
         peer.outbox.clear()
         peer.outbox_bytes = 0
         # Its writer is stuck on a socket nobody reads: abort the whole connection.
@@ -252,9 +254,12 @@ class Server:
                 leftover = http.trailing_data[0]
             else:
                 leftover = b""
-            await self._websocket(stream, address, request, leftover)
+            await self._websocket(stream, http, address, request, leftover)
             return
-        status, body = self._http_endpoint(request.method, path)
+        if request.method == b"GET" and path == "/readyz":
+            status, body = await readiness(self)  # async: checks the ledger on a worker thread
+        else:
+            status, body = self._http_endpoint(request.method, path)
         await self._respond(stream, http, status, body)
 
     def _http_endpoint(self, method: bytes, path: str) -> tuple[int, Any]:
@@ -272,38 +277,46 @@ class Server:
             except ValueError as e:
                 return 409, {"error": str(e)}
             return 202, {"retrying": target}
+        if method == b"GET" and path == "/metrics":
+            return 200, render_metrics(self.broker, sum(p.outbox_bytes for p in self.peers.values()), len(self.peers))
         if method == b"GET" and path == "/healthz":
             return 200, {"status": "ok", "uptime_s": round(time.time() - self.started_at, 3)}
         return 400, {"error": f"no endpoint {method.decode('latin-1')} {path}; "
                               "services connect with a WebSocket to /services"}
 
     async def _respond(self, stream, http: h11.Connection, status: int, body: Any) -> None:
-        data = orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n"
+        if isinstance(body, str):  # the Prometheus text format
+            data, content_type = body.encode(), "text/plain; version=0.0.4; charset=utf-8"
+        else:
+            data, content_type = orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n", "application/json"
         out = http.send(h11.Response(status_code=status, headers=[
-            ("content-type", "application/json"), ("content-length", str(len(data))), ("connection", "close")]))
+            ("content-type", content_type), ("content-length", str(len(data))), ("connection", "close")]))
         out += http.send(h11.Data(data=data)) + http.send(h11.EndOfMessage())
         await stream.send_all(out)
 
     # --------------------------------------------------------------- per peer
 
-    async def _websocket(self, stream: trio.SocketStream, address: str, request: h11.Request, leftover: bytes) -> None:
+    async def _websocket(self, stream: trio.SocketStream, http: h11.Connection, address: str, request: h11.Request,
+                         leftover: bytes) -> None:
         handshake = H11Handshake(ConnectionType.SERVER)
-        handshake.initiate_upgrade_connection(request.headers, request.target)
+        try:
+            handshake.initiate_upgrade_connection(request.headers, request.target)
+            accept = handshake.send(AcceptConnection())
+        except HandshakeError as e:
+            await self._respond(stream, http, 400, {"error": f"bad WebSocket handshake: {e}"})
+            return
         if self.stopping:
             return
-        await stream.send_all(handshake.send(AcceptConnection()))
-        ws = handshake.connection
+        await stream.send_all(accept)
         conn_id = next(self._ids)
-        peer = Peer(conn_id, address, stream, ws)
+        peer = Peer(conn_id, address, stream)
         self.peers[conn_id] = peer
         self.execute(self.broker.connected(conn_id, address))
         try:
             async with trio.open_nursery() as nursery:
                 peer.cancel_scope = nursery.cancel_scope
                 nursery.start_soon(self._writer, peer)
-                if leftover:
-                    ws.receive_data(leftover)
-                await self._reader(peer)
+                await self._reader(peer, leftover)
                 # Let the writer flush what is queued (e.g. a close frame), briefly.
                 peer.closing = True
                 peer.wakeup.set()
@@ -312,51 +325,49 @@ class Server:
             del self.peers[conn_id]
             self.execute(self.broker.disconnected(conn_id, time.time()))
 
-    async def _reader(self, peer: Peer) -> None:
-        ws = peer.ws
+    async def _reader(self, peer: Peer, data: bytes) -> None:
         stream = peer.stream
-        broker = self.broker
+        frame_received = self.broker.frame_received
+        stats = self.broker.stats
         execute = self.execute
-        max_frame = self.limits.max_frame_bytes
-        parts: list = []
-        size = 0
+        clock = time.time
+        perf_counter = time.perf_counter
+        decoder = FrameDecoder(self.limits.max_frame_bytes)
+        conn = peer.id
         while not peer.closing:
+            if data:
+                try:
+                    frames = decoder.feed(data)
+                except ProtocolError as e:
+                    if e.code == CLOSE_TOO_LARGE:
+                        stats.frames_too_large += 1
+                        self.log.warning("frame too large", conn=conn, peer=peer.address, limit_bytes=decoder.max_message,
+                                         reason="frames above the limit close the connection (--max-frame-bytes)")
+                    else:
+                        self.log.warning("protocol error", conn=conn, peer=peer.address, code=e.code, reason=e.reason)
+                    peer.close(e.code, e.reason)
+                    return
+                now = clock()
+                for opcode, payload in frames:
+                    if opcode == TEXT or opcode == BINARY:
+                        started = perf_counter()
+                        execute(frame_received(conn, payload, now))
+                        stats.observe_latency(perf_counter() - started)
+                        if peer.closing:
+                            return
+                    elif opcode == PING:
+                        peer.push(frame(PONG, payload))
+                    elif opcode == CLOSE:
+                        code, _ = parse_close(payload)
+                        # Echo the peer's close code, as RFC 6455 asks.
+                        peer.close(code if 1000 <= code < 5000 and code not in (1005, 1006) else 1000, "")
+                        return
             try:
                 data = await stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             if not data:
                 return
-            ws.receive_data(data)
-            for event in ws.events():
-                cls = event.__class__
-                if cls is TextMessage or cls is BytesMessage:
-                    size += len(event.data)
-                    if size > max_frame:
-                        self.log.warning("frame too large", conn=peer.id, peer=peer.address, limit_bytes=max_frame,
-                                         reason="frames above the limit close the connection (--max-frame-bytes)")
-                        peer.close(CLOSE_TOO_LARGE, f"frame larger than {max_frame} bytes")
-                        return
-                    if not event.message_finished:
-                        parts.append(event.data)
-                        continue
-                    if parts:
-                        parts.append(event.data)
-                        frame = "".join(parts) if cls is TextMessage else b"".join(parts)
-                        parts = []
-                    else:
-                        frame = event.data
-                    size = 0
-                    execute(broker.frame_received(peer.id, frame, time.time()))
-                    if peer.closing:
-                        return
-                elif cls is Ping:
-                    peer.push(ws.send(event.response()))
-                elif cls is CloseConnection:
-                    if ws.state is ConnectionState.REMOTE_CLOSING:
-                        peer.push(ws.send(event.response()))
-                    peer.closing = True
-                    return
 
     async def _writer(self, peer: Peer) -> None:
         stream = peer.stream
