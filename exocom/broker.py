@@ -302,8 +302,11 @@ class Broker:
         frame = self._frame(message, response_time, now)
         encoded: dict[str, bytes] = {}
         for role in roles:
-            if script_of is not None and role == script_of.target.role:
-                # A deployment script talks to the version it deploys, held or not.
+            if script_of is not None and role == script_of.target.role and (
+                requirement is None or requirement.matches(script_of.target.version)
+            ):
+                # A deployment script talks to the version it deploys, held or not;
+                # with a version requirement it may also read an older one.
                 target = self._pick_in_pool(self.registry.pool(role, script_of.target.version), public)
                 reason = f"{script_of.target} has no instance connected"
             else:
@@ -479,6 +482,10 @@ class Broker:
         if flight is None or flight.step != step:
             return [self._deployment_log("warning", "deployment answer ignored", d, step, now,
                                          reason=f"the {step} step is not running (status {d.steps[step].status})")]
+        activity_id = message.get("activityId")
+        if activity_id is not None and activity_id != flight.activity_id:
+            return [self._deployment_log("warning", "deployment answer ignored", d, step, now,
+                                         reason="it answers an earlier attempt (another activityId)")]
         d.in_flight = None
         actions: list = []
         if outcome == "done":

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import json
 import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -16,10 +18,12 @@ import trio
 
 from . import __version__
 from .broker import Broker
+from .check import check_config_command
 from .config import ConfigError, load
 from .ledger import LedgerError, SQLiteLedger
 from .logs import LEVELS, configure, get_logger
 from .server import Limits, Server
+from .status import status_command
 
 DEFAULT_PORT = 4100
 DEFAULT_HOST = "0.0.0.0"
@@ -76,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     deployments.add_argument("target", nargs="?", metavar="ROLE@VERSION")
     deployments.add_argument("--url", default=None, help="a running broker to ask first (default http://127.0.0.1:$PORT)")
     deployments.add_argument("--json", action="store_true", help="print JSON")
+
+    status = sub.add_parser("status", help="roles, versions, instances and deployments of a running broker "
+                                           "(exit 1: a version held or failed, 2: no broker answers)")
+    status.add_argument("--url", default=None, help="the running broker (default http://127.0.0.1:$EXOCOM_PORT, else $PORT, else 4100)")
+    status.add_argument("--json", action="store_true", help="print /config.json and /deployments combined as JSON")
+
+    check = sub.add_parser("check-config", help="list every problem of a routing file (exit 1 on errors)")
+    check.add_argument("file", metavar="FILE", help="routing file (YAML or JSON)")
+
+    from .demo import add_arguments as demo_arguments
+    demo_arguments(sub.add_parser("demo", help="walk through two deployments of the tutorial's todo app, with real "
+                                               "processes (needs a source checkout)"))
     return parser
 
 
@@ -83,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args, os.environ)
+    if args.command == "status":
+        return status_command(args.url, args.json, os.environ)
+    if args.command == "check-config":
+        return check_config_command(args.file)
+    if args.command == "demo":
+        from .demo import main as demo_main
+        return demo_main(args)
     return deployments_command(args, os.environ)
 
 
@@ -125,6 +148,9 @@ def serve(args, environ) -> int:
             log.info("broker listening", host=args.host, port=server.port, config_source=config.source,
                      roles=sorted(config.roles), deployments=[str(d) for _, d, _ in config.deployments()],
                      state_dir=str(Path(state_dir).resolve()), ledger_records=len(records), version=__version__)
+            # What was loaded at startup lives as long as the process: keep the
+            # garbage collector from walking it on every full collection.
+            gc.freeze()
 
     try:
         trio.run(run)
@@ -144,10 +170,14 @@ def serve(args, environ) -> int:
 
 
 def deployments_command(args, environ) -> int:
-    url = args.url or f"http://127.0.0.1:{resolve_port(None, environ)}"
     if args.action == "retry":
         if not args.target or "@" not in args.target:
             print("exocom deployments retry: name the deployment as ROLE@VERSION", file=sys.stderr)
+            return 2
+        try:
+            url = args.url or f"http://127.0.0.1:{resolve_port(None, environ)}"
+        except ConfigError as e:
+            print(f"exocom deployments retry: {e}; or pass --url", file=sys.stderr)
             return 2
         return retry(args, environ, url)
     try:
@@ -182,15 +212,30 @@ def deployments_command(args, environ) -> int:
 def retry(args, environ, url: str) -> int:
     role, _, version = args.target.partition("@")
     request = urllib.request.Request(f"{url}/deployments/{args.target}/retry", method="POST", data=b"")
+    # A proxy from the environment must not stand between us and a local broker
+    # (a refused proxy would look like "no broker running").
+    host = urllib.parse.urlsplit(url).hostname
+    local = host in (None, "localhost") or host.startswith("127.") or host == "::1"
+    opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if local else []))
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with opener.open(request, timeout=5):
             print(f"{args.target}: retrying now on the running broker at {url}")
             return 0
     except urllib.error.HTTPError as e:
-        print(f"exocom deployments retry: {json.loads(e.read() or b'{}').get('error', e)}", file=sys.stderr)
+        try:
+            error = json.loads(e.read() or b"{}").get("error")
+        except (ValueError, AttributeError):
+            error = None
+        print(f"exocom deployments retry: {error or f'{url} answered HTTP {e.code}'}", file=sys.stderr)
         return 1
-    except (urllib.error.URLError, OSError):
-        pass  # no broker running: re-arm in the ledger; it runs at the next start
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        if not isinstance(reason, ConnectionRefusedError):
+            # Something may be running there (a timeout, a reset): never write
+            # behind a running broker's back.
+            print(f"exocom deployments retry: no answer from {url} ({reason}); nothing re-armed", file=sys.stderr)
+            return 1
+        # No broker running: re-arm in the ledger; it runs at the next start.
     try:
         config = load(args.config, environ)
     except ConfigError as e:
@@ -198,9 +243,9 @@ def retry(args, environ, url: str) -> int:
         return 2
     state_dir = args.state_dir or default_state_dir(environ)
     try:
-        ledger = SQLiteLedger.in_state_dir(state_dir)
+        ledger = SQLiteLedger.in_state_dir(state_dir, create=False)
     except LedgerError as e:
-        print(f"exocom deployments retry: {e}", file=sys.stderr)
+        print(f"exocom deployments retry: {e}: nothing to re-arm (pass the broker's --state-dir)", file=sys.stderr)
         return 2
     try:
         broker = Broker(config, ledger_records=ledger.load())

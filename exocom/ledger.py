@@ -9,7 +9,9 @@ when `append` returns, and forward migrations keyed by `PRAGMA user_version`.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Protocol
@@ -65,6 +67,13 @@ class SQLiteLedger:
             self._migrate()
         except sqlite3.Error as e:
             raise LedgerError(f"cannot open the ledger {self.path}: {e}") from None
+        # Which file was opened: if the path later names another file (or none),
+        # records still go to the open one and are lost at the next start.
+        self._identity = self._file_identity()
+
+    def _file_identity(self) -> tuple[int, int]:
+        st = os.stat(self.path)
+        return st.st_dev, st.st_ino
 
     @classmethod
     def in_state_dir(cls, state_dir: str | Path, *, create: bool = True) -> SQLiteLedger:
@@ -105,12 +114,34 @@ class SQLiteLedger:
                 raise LedgerError(f"cannot write to the ledger {self.path}: {e}") from None
 
     def check_writable(self) -> None:
+        """Raise LedgerError unless a record written now would be durable and
+        found again at the next start: the write lock can be taken, the path
+        still names the open file, and the state directory accepts new files
+        (SQLite creates its -wal and -shm files there when it reopens)."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute("ROLLBACK")
             except sqlite3.Error as e:
                 raise LedgerError(f"the ledger {self.path} is not writable: {e}") from None
+        try:
+            identity = self._file_identity()
+        except OSError as e:
+            raise LedgerError(f"the ledger {self.path} is gone ({e.strerror}): it was moved or deleted while "
+                              "the broker was running; records written now are lost at the next start") from None
+        if identity != self._identity:
+            raise LedgerError(f"the ledger {self.path} was replaced by another file while the broker was running; "
+                              "records written now go to the old file and are lost at the next start")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".exocom-probe-", dir=self.path.parent)
+            try:
+                os.write(fd, b"exocom")
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as e:
+            raise LedgerError(f"the state directory {self.path.parent} does not accept new files "
+                              f"({e.strerror or e}): the ledger cannot be reopened there") from None
 
     def close(self) -> None:
         with self._lock:

@@ -6,9 +6,25 @@
             await message.reply("todos.listing", load_todos())
         await trio.sleep_forever()
 
+    async with open_relay(url, "web") as relay:
+        answer = await relay.request("todos.list", timeout=5)
+        old = await relay.request("todos.list", version="1")     # any todos 1.x.y
+
 It connects with retry and exponential backoff, registers with role and
-version, and registers again after the broker restarts. `request` sends a
-message and awaits the answer(s) on the same activity.
+version, and registers again after the broker restarts. `open_relay` returns
+once the broker accepted the registration. `request` sends a message and
+awaits the answer on the same activity; `stream` collects several answers.
+
+Errors a caller can act on are exceptions (all `RelayError`):
+`RequestTimeout` (no answer in time, or not connected in time), `RelayClosed`
+(the relay was closed), `RegistrationRefused` (the broker closed the
+connection with a code in 4000-4999: unknown role, invalid version, ...; the
+relay does not retry it). A message without a handler is logged, not fatal.
+
+The broker does not acknowledge a registration. The relay sends a WebSocket
+ping right after the registration frame: the broker handles frames in order,
+so a pong means the registration was accepted, and a refusal closes the
+connection before the ping is answered.
 """
 
 from __future__ import annotations
@@ -21,9 +37,17 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionTimeout,
+    DisconnectionTimeout,
+    HandshakeError,
+    open_websocket_url,
+)
 
 from .logs import get_logger
+
+REGISTER = "exocom.register-service"
 
 
 class RelayError(Exception):
@@ -31,11 +55,21 @@ class RelayError(Exception):
 
 
 class RequestTimeout(RelayError):
-    pass
+    """No answer within the time limit (or no connection to send on)."""
 
 
 class RelayClosed(RelayError):
-    pass
+    """The relay was closed; it sends and receives nothing any more."""
+
+
+class RegistrationRefused(RelayError):
+    """The broker refused the registration (close code 4000-4999); retrying
+    would not help: fix the role, the version or the routing configuration."""
+
+    def __init__(self, message: str, code: int | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
 
 
 def new_id() -> str:
@@ -52,53 +86,126 @@ class Message:
     id: str | None
     activity_id: str | None
     raw: dict = field(repr=False)
+    # Which connection of the relay it arrived on (see `Relay.session`).
+    session: int = field(default=0, repr=False)
 
-    async def reply(self, name: str, payload: Any = None) -> str:
-        """Answer on the same activity, with `responseTo` set to this message."""
+    async def reply(self, name: str, payload: Any = None, **options) -> str:
+        """Answer on the same activity, with `responseTo` set to this message,
+        so that the broker delivers the answer to the asker only."""
         return await self.relay.send(name, payload, activity_id=self.activity_id, response_to=self.id,
-                                     auth=self.raw.get("auth"))
+                                     auth=self.raw.get("auth"), **options)
 
 
 Handler = Callable[[Message], Awaitable[Any]]
 
 
 class Relay:
+    """One connection of one service instance to the broker.
+
+    Use `open_relay`; or call `run` in a nursery yourself and `close` it."""
+
     def __init__(self, url: str, role: str, version: str | None = None, *,
-                 min_backoff: float = 0.05, max_backoff: float = 5.0):
+                 min_backoff: float = 0.05, max_backoff: float = 5.0, close_timeout: float = 2.0):
         self.url = url
         self.role = role
         self.version = version
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
+        self.close_timeout = close_timeout
         self.handlers: dict[str, Handler] = {}
         self.log = get_logger().bind(relay=role)
-        self._ws = None
-        self._online = trio.Event()
-        self._waiting: dict[str, trio.MemorySendChannel] = {}
-        self._closed = False
-        self._dispatch_scope = trio.CancelScope()
+        # Public counters: accepted registrations (1 + reconnections), attempts
+        # to connect, and messages dropped for lack of a handler.
         self.registrations = 0
+        self.connect_attempts = 0
+        self.unhandled = 0
+        self.session = 0
+        # Why the last attempt to connect failed, for error messages.
+        self.problem: str | None = None
+        # Set when the relay stopped for good on a refusal.
+        self.error: RelayError | None = None
+        self._ws = None
+        self._online = trio.Event()  # set while registered; replaced when the connection ends
+        self._closed = False
+        self._changed = trio.Event()  # set and replaced on every change of state
+        self._stopped = trio.Event()
+        self._waiting: dict[str, trio.MemorySendChannel] = {}
+        # The scope `close()` cancels: around connecting and waiting to retry,
+        # and inside an open connection -- never around the block that owns the
+        # WebSocket, so that leaving it closes the WebSocket with a close
+        # handshake from the task that owns it (closing it from another task
+        # lost trio-websocket's close handshake and hung).
+        self._stop_scope = trio.CancelScope()
 
     # ------------------------------------------------------------- handlers
 
     def handler(self, name: str) -> Callable[[Handler], Handler]:
+        """Decorator: `fn(message)` handles each message called `name`."""
         def register(fn: Handler) -> Handler:
             self.handlers[name] = fn
             return fn
         return register
 
-    # -------------------------------------------------------------- sending
+    # ---------------------------------------------------------------- state
+
+    @property
+    def online(self) -> bool:
+        """Connected and registered."""
+        return self._online.is_set() and self._ws is not None
+
+    @property
+    def closed(self) -> bool:
+        """`close()` was called, or the relay stopped on a refusal."""
+        return self._closed
+
+    @property
+    def stopped(self) -> bool:
+        """The connection task ended: the WebSocket is closed."""
+        return self._stopped.is_set()
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests and streams waiting for answers."""
+        return len(self._waiting)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _stopped_error(self) -> RelayError:
+        """A fresh exception for why the relay does not work any more."""
+        e = self.error
+        if isinstance(e, RegistrationRefused):
+            return RegistrationRefused(str(e), e.code, e.reason)
+        if e is not None:
+            return type(e)(*e.args)
+        return RelayClosed(f"relay {self.role} is closed")
 
     async def wait_online(self, timeout: float = math.inf) -> None:
-        with trio.fail_after(timeout):
-            await self._online.wait()
+        """Until connected and registered; `RequestTimeout` after `timeout`
+        seconds, `RelayClosed`/`RelayError` if the relay stops meanwhile."""
+        await self._connection(trio.current_time() + timeout, f"relay {self.role} to register")
+
+    async def _connection(self, deadline: float, what: str):
+        with trio.move_on_at(deadline):
+            while True:
+                if self._closed:
+                    raise self._stopped_error()
+                if self.online:
+                    return self._ws
+                await self._changed.wait()
+        raise RequestTimeout(f"gave up waiting for {what}: not connected to {self.url}")
+
+    # -------------------------------------------------------------- sending
 
     async def send(self, name: str, payload: Any = None, *, version: str | None = None,
                    activity_id: str | None = None, response_to: str | None = None, auth: Any = None,
                    timeout: float = 10.0) -> str:
-        """Send a message; returns its activity id. Waits (up to `timeout`) while disconnected."""
+        """Send a message; returns its activity id. `version` is a requirement
+        on the receiving role's version ("2", "2.1", "2.1.3"). While
+        disconnected it waits up to `timeout` seconds for the connection."""
         if self._closed:
-            raise RelayClosed(f"relay {self.role} is closed")
+            raise self._stopped_error()
         frame: dict[str, Any] = {"name": name, "sender": self.role, "id": new_id(),
                                  "activityId": activity_id or new_id(), "payload": payload}
         if version is not None:
@@ -108,17 +215,17 @@ class Relay:
         if auth is not None:
             frame["auth"] = auth
         data = json.dumps(frame)
-        try:
-            with trio.fail_after(timeout):
-                while True:
-                    await self._online.wait()
-                    try:
-                        await self._ws.send_message(data)
-                        return frame["activityId"]
-                    except ConnectionClosed:
-                        await trio.sleep(0)  # the connection task notices and reconnects
-        except trio.TooSlowError:
-            raise RequestTimeout(f"could not send {name!r}: not connected to {self.url} for {timeout}s") from None
+        deadline = trio.current_time() + timeout
+        while True:
+            ws = await self._connection(deadline, f"a connection to send {name!r}")
+            try:
+                await ws.send_message(data)
+                return frame["activityId"]
+            except ConnectionClosed:
+                # The connection task notices, reconnects and registers again.
+                with trio.move_on_at(deadline):
+                    while self._ws is ws and not self._closed:
+                        await self._changed.wait()
 
     async def request(self, name: str, payload: Any = None, *, timeout: float = 10.0,
                       version: str | None = None) -> Message:
@@ -126,13 +233,15 @@ class Relay:
         async with self._exchange(name, payload, timeout, version) as next_answer:
             return await next_answer()
 
-    async def stream(self, name: str, payload: Any = None, *, final: Callable[[Message], bool],
+    async def stream(self, name: str, payload: Any = None, *, final: str | Callable[[Message], bool],
                      timeout: float = 10.0, version: str | None = None) -> list[Message]:
-        """Send and collect every answer on the activity until `final(answer)` is
-        true; `timeout` bounds the whole exchange."""
-        answers = []
+        """Send and collect every answer on the activity until the final one:
+        `final` is its message name, or a test `final(answer) -> bool`.
+        `timeout` bounds the whole exchange."""
+        is_final = (lambda m: m.name == final) if isinstance(final, str) else final
+        answers: list[Message] = []
         async with self._exchange(name, payload, timeout, version) as next_answer:
-            while not answers or not final(answers[-1]):
+            while not answers or not is_final(answers[-1]):
                 answers.append(await next_answer())
         return answers
 
@@ -146,117 +255,300 @@ class Relay:
         async def next_answer() -> Message:
             # The deadline is re-entered per answer: no cancel scope spans a yield.
             with trio.move_on_at(deadline):
-                return await receive_channel.receive()
-            raise RequestTimeout(f"no answer to {name!r} within {timeout}s")
+                try:
+                    return await receive_channel.receive()
+                except trio.EndOfChannel:
+                    raise self._stopped_error() from None
+            raise RequestTimeout(f"no answer to {name!r} within {timeout:g}s")
 
         try:
-            await self.send(name, payload, version=version, activity_id=activity_id, timeout=timeout)
+            await self.send(name, payload, version=version, activity_id=activity_id,
+                            timeout=max(deadline - trio.current_time(), 0))
             yield next_answer
         finally:
             self._waiting.pop(activity_id, None)
+            send_channel.close()
+            receive_channel.close()
 
     # ------------------------------------------------------------ receiving
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Stay connected until cancelled: connect, register, dispatch, reconnect."""
-        backoff = self.min_backoff
-        started = False
-        async with trio.open_nursery() as handlers:
-            while not self._closed:
-                try:
-                    async with open_websocket_url(self.url, message_queue_size=64) as ws:
-                        register = {"name": "exocom.register-service", "sender": self.role, "id": new_id(),
-                                    "activityId": new_id(), "payload": {"clientName": self.role}}
-                        if self.version:
-                            register["payload"]["version"] = self.version
-                        await ws.send_message(json.dumps(register))
-                        self._ws = ws
-                        self.registrations += 1
-                        self._online.set()
-                        backoff = self.min_backoff
-                        self.log.info("relay online", url=self.url, version=self.version)
-                        if not started:
-                            started = True
-                            task_status.started(self)
-                        # close() cancels only the dispatch loop, so that this task, which
-                        # owns the WebSocket, closes it with a clean close handshake.
-                        with self._dispatch_scope:
-                            await self._dispatch(ws, handlers)
-                except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as e:
-                    reason = getattr(getattr(e, "reason", None), "reason", None) or str(e) or type(e).__name__
-                    if self._online.is_set() and not self._closed:
-                        self.log.warning("relay disconnected", reason=reason)
-                    code = getattr(getattr(e, "reason", None), "code", None)
-                    if code is not None and 4000 <= code < 5000:
-                        raise RelayError(f"the broker refused {self.role}: {reason} (close code {code})") from None
-                finally:
-                    self._ws = None
-                    if self._online.is_set():
-                        self._online = trio.Event()
-                if self._closed:
-                    handlers.cancel_scope.cancel()
-                    break
-                self._dispatch_scope = trio.CancelScope()
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+        """Stay connected until `close()`: connect, register, dispatch, and
+        reconnect with backoff. Signals `task_status.started(self)` at the
+        first accepted registration; raises `RegistrationRefused` when the
+        broker refuses a registration."""
+        try:
+            async with trio.open_nursery() as nursery:
+                # Handlers run in this nursery too; they are cancelled when the relay stops.
+                async def connect_loop():
+                    try:
+                        await self._connect_loop(nursery)
+                    finally:
+                        nursery.cancel_scope.cancel()
 
-    async def _dispatch(self, ws, handlers: trio.Nursery) -> None:
+                nursery.start_soon(connect_loop)
+                while self.registrations == 0 and not self._closed:
+                    await self._changed.wait()
+                if self.registrations:
+                    task_status.started(self)
+        finally:
+            self._closed = True
+            self._ws = None
+            for channel in list(self._waiting.values()):
+                channel.close()
+            self._notify()
+            self._stopped.set()
+        if self.error is not None:
+            raise self.error
+
+    async def _connect_loop(self, handlers: trio.Nursery) -> None:
+        backoff = self.min_backoff
+        failures = 0
+        while not self._closed:
+            self._stop_scope = scope = trio.CancelScope()
+            self.connect_attempts += 1
+            registrations = self.registrations
+            close = problem = None
+            with scope:
+                try:
+                    async with open_websocket_url(self.url, message_queue_size=64,
+                                                  disconnect_timeout=self.close_timeout) as ws:
+                        close = await self._session(ws, handlers)
+                except ConnectionClosed as e:
+                    close = e.reason
+                except (OSError, HandshakeError, ConnectionTimeout, DisconnectionTimeout,
+                        trio.BrokenResourceError) as e:
+                    problem = _describe(e)
+            if self._closed:
+                return
+            code = getattr(close, "code", None)
+            reason = getattr(close, "reason", None)
+            if code is not None and 4000 <= code <= 4999:
+                self.error = RegistrationRefused(
+                    f"the broker at {self.url} refused {self.role}"
+                    + (f"@{self.version}" if self.version else "")
+                    + f": {reason or 'no reason given'} (close code {code})", code, reason)
+                self.log.error("relay registration refused", url=self.url, version=self.version, code=code,
+                               reason=reason)
+                self._closed = True
+                return
+            self.problem = problem or (f"the broker closed the connection (code {code}{': ' + reason if reason else ''})"
+                                       if code is not None else None)
+            if self.registrations > registrations:
+                backoff, failures = self.min_backoff, 0
+                self.log.warning("relay disconnected", url=self.url, code=code, reason=reason or problem,
+                                 retry_in_s=backoff)
+            else:
+                failures += 1
+                level = "warning" if failures == 1 else "debug"
+                getattr(self.log, level)("relay cannot connect", url=self.url, attempt=failures,
+                                         problem=problem or f"closed with code {code} {reason or ''}".strip(),
+                                         retry_in_s=backoff)
+            self._stop_scope = scope = trio.CancelScope()
+            if self._closed:
+                return
+            with scope:
+                await trio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff)
+
+    async def _session(self, ws, handlers: trio.Nursery):
+        """One connection: register, confirm, dispatch until it closes. Returns
+        the close reason, or None when `close()` ended it."""
+        self._stop_scope = scope = trio.CancelScope()
+        if self._closed:
+            return None
+        self.session += 1
+        session = self.session
+        register = {"name": REGISTER, "sender": self.role, "id": new_id(), "activityId": new_id(),
+                    "payload": {"clientName": self.role}}
+        if self.version:
+            register["payload"]["version"] = self.version
+        close = None
+        try:
+            with scope:
+                await ws.send_message(json.dumps(register))
+                async with trio.open_nursery() as confirm:
+                    confirm.start_soon(self._confirm_registration, ws)
+                    try:
+                        await self._dispatch(ws, handlers, session)
+                    except ConnectionClosed as e:
+                        close = e.reason
+                    confirm.cancel_scope.cancel()
+        except ConnectionClosed as e:
+            close = e.reason
+        finally:
+            if self._ws is ws:
+                self._ws = None
+            if self._online.is_set():
+                self._online = trio.Event()
+            self._notify()
+        return close
+
+    async def _confirm_registration(self, ws) -> None:
+        try:
+            await ws.ping()
+        except ConnectionClosed:
+            return  # refused or lost: the dispatch loop sees why
+        self._ws = ws
+        self._online.set()
+        self.registrations += 1
+        self._notify()
+        self.log.info("relay online", url=self.url, version=self.version, registrations=self.registrations)
+
+    async def _dispatch(self, ws, handlers: trio.Nursery, session: int) -> None:
         while True:
             data = await ws.get_message()
             try:
                 raw = json.loads(data)
-                message = Message(self, raw["name"], raw.get("payload"), raw.get("id"), raw.get("activityId"), raw)
+                message = Message(self, raw["name"], raw.get("payload"), raw.get("id"), raw.get("activityId"),
+                                  raw, session)
             except (ValueError, KeyError, TypeError):
                 self.log.warning("relay got an unreadable frame", frame=str(data)[:200])
                 continue
             waiting = self._waiting.get(message.activity_id)
-            if waiting is not None and message.name not in self.handlers:
-                waiting.send_nowait(message)
-                continue
             handler = self.handlers.get(message.name)
-            if handler is None:
-                if waiting is not None:
+            if waiting is not None and handler is None:
+                try:
                     waiting.send_nowait(message)
-                else:
-                    self.log.warning("no handler for message", name=message.name, activity_id=message.activity_id)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass
+                continue
+            if handler is None:
+                self.unhandled += 1
+                self.log.warning("no handler for message", name=message.name, activity_id=message.activity_id,
+                                 handlers=sorted(self.handlers))
                 continue
             handlers.start_soon(self._handle, handler, message)
 
     async def _handle(self, handler: Handler, message: Message) -> None:
         try:
             await handler(message)
+        except RelayClosed:
+            pass
         except Exception as e:
             self.log.exception("handler failed", name=message.name, error=str(e))
 
     def close(self) -> None:
-        """Stop: the connection task closes the WebSocket and ends."""
+        """Stop (from any task): the connection task closes the WebSocket with a
+        close handshake and ends; waiting requests raise `RelayClosed`."""
+        if self._closed:
+            return
         self._closed = True
-        self._dispatch_scope.cancel()
+        self._stop_scope.cancel()
+        for channel in list(self._waiting.values()):
+            channel.close()
+        self._notify()
+
+    async def aclose(self) -> None:
+        """Close and wait (up to `close_timeout`) until the connection is closed."""
+        self.close()
+        with trio.move_on_after(self.close_timeout):
+            await self._stopped.wait()
+
+
+def _describe(e: BaseException) -> str:
+    """A short text for why connecting failed: "Connection refused" rather
+    than trio-websocket's wrapper or trio's "all attempts ... failed"."""
+    while isinstance(e, HandshakeError) and (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    cause = e.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        first = cause.exceptions[0]
+        return f"{e}: {getattr(first, 'strerror', None) or first}"
+    return str(e) or type(e).__name__
+
+
+def _reraise(exc: BaseException):
+    """Raise `exc` out of the nursery's exception group without chaining the
+    group to it (which would print it twice)."""
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
+        del exc, context
 
 
 @asynccontextmanager
-async def open_relay(url: str, role: str, version: str | None = None, **options) -> AsyncIterator[Relay]:
-    """A connected, registered relay for the duration of the block."""
+async def open_relay(url: str, role: str, version: str | None = None, *, connect_timeout: float = math.inf,
+                     setup: Callable[[Relay], Any] | None = None, **options) -> AsyncIterator[Relay]:
+    """A connected, registered relay for the duration of the block.
+
+    `setup(relay)` is called before the relay connects: register handlers
+    there (or `DeploymentScript.attach`) when a message may arrive as soon as
+    the relay is registered, as a deployment step's start message does.
+
+    Waits (retrying with backoff) until the broker accepts the registration,
+    or raises `RequestTimeout` after `connect_timeout` seconds (default: wait
+    as long as it takes); raises `RegistrationRefused` if the broker refuses
+    it. If the broker refuses a later
+    registration (after it restarted with another configuration), the block is
+    cancelled and `RegistrationRefused` raised. Leaving the block closes the
+    connection cleanly, also on an exception or Ctrl-C."""
     relay = Relay(url, role, version, **options)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(relay.run)
-        try:
-            yield relay
-        finally:
-            relay.close()
-            nursery.cancel_scope.deadline = trio.current_time() + 5
+    if setup is not None:
+        setup(relay)
+    refused_in_block = False
+    gave_up = None
+    try:
+        async with trio.open_nursery() as nursery:
+            in_block = False
+
+            async def run() -> None:
+                nonlocal refused_in_block
+                try:
+                    await relay.run()
+                except RelayError:
+                    if in_block:
+                        refused_in_block = True
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)
+            with trio.move_on_after(connect_timeout):
+                while relay.registrations == 0 and not relay.closed:
+                    await relay._changed.wait()
+            if relay.registrations == 0 and not relay.closed:
+                relay.close()
+                gave_up = RequestTimeout(f"could not register {role} with the broker at {url} within "
+                                         f"{connect_timeout:g}s" + (f": {relay.problem}" if relay.problem else ""))
+            if relay.error is None and not relay.closed:
+                in_block = True
+                try:
+                    yield relay
+                finally:
+                    in_block = False
+                    relay.close()
+                    with trio.CancelScope(shield=True) as scope:
+                        scope.deadline = trio.current_time() + relay.close_timeout
+                        await relay._stopped.wait()
+                    nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            _reraise(group.exceptions[0])
+        raise
+    if relay.error is not None and (refused_in_block or relay.registrations == 0):
+        raise relay._stopped_error()
+    if gave_up is not None:
+        raise gave_up
 
 
 class DeploymentScript:
     """Write a deployment script as two functions; the answers are sent for you.
 
+        async def fill_index(relay): ...
+
         script = DeploymentScript("todo-search", "0.0.1", online=fill_index)
-        async with open_relay(url, "todo-search-deployment") as relay:
-            script.attach(relay)
+        async with open_relay(url, "todo-search-deployment", setup=script.attach):
             await trio.sleep_forever()
 
-    Each step function gets the relay; returning means done, raising means
-    failed with the exception text as the reason.
+    Each step function gets the relay; returning means done
+    (`deployment-R-V-<step>-done`), raising means failed
+    (`deployment-R-V-<step>-failed` with the exception text as the reason).
+    A missing function is a step with nothing to do: it is answered done at
+    once. The broker may start a step again (after a crash or a lost
+    connection): steps must be safe to run twice. Runs never overlap: a new
+    start cancels a run that is still going (the broker gave up on it), and a
+    run that outlived its connection is not answered.
     """
 
     def __init__(self, role: str, version: str, *, offline: Callable[[Relay], Awaitable[Any]] | None = None,
@@ -264,20 +556,52 @@ class DeploymentScript:
         self.role = role
         self.version = version
         self.steps = {"offline": offline, "online": online}
+        self._lock = trio.Lock()
+        self._current: trio.CancelScope | None = None
+
+    def message_name(self, step: str, outcome: str) -> str:
+        return f"deployment-{self.role}-{self.version}-{step}-{outcome}"
 
     def attach(self, relay: Relay) -> None:
         for step, fn in self.steps.items():
-            relay.handler(f"deployment-{self.role}-{self.version}-{step}-start")(self._runner(step, fn))
+            relay.handler(self.message_name(step, "start"))(self._runner(step, fn))
 
     def _runner(self, step: str, fn):
         async def run(message: Message) -> None:
-            prefix = f"deployment-{self.role}-{self.version}-{step}"
+            relay = message.relay
+            attempt = message.payload.get("attempt") if isinstance(message.payload, dict) else None
+            log = relay.log.bind(deployment=f"{self.role}@{self.version}", step=step, attempt=attempt)
+            # The broker starts a step only when the previous one is over as far
+            # as it knows (answered, failed, or its connection was lost): a run
+            # still going is stale. Stop it, so that runs never overlap.
+            scope = trio.CancelScope()
+            previous, self._current = self._current, scope
+            if previous is not None:
+                previous.cancel()
             try:
-                if fn is not None:
-                    await fn(message.relay)
-            except Exception as e:
-                message.relay.log.error("deployment step failed", step=step, error=str(e))
-                await message.reply(f"{prefix}-failed", {"reason": f"{type(e).__name__}: {e}"})
-            else:
-                await message.reply(f"{prefix}-done")
+                with scope:
+                    async with self._lock:
+                        log.info("deployment step started")
+                        try:
+                            if fn is not None:
+                                await fn(relay)
+                        except RelayClosed:
+                            return
+                        except Exception as e:
+                            reason = f"{type(e).__name__}: {e}"
+                            outcome, payload = "failed", {"reason": reason}
+                            log.error("deployment step failed", reason=reason)
+                        else:
+                            outcome, payload = "done", None
+                            log.info("deployment step done")
+                        if message.session != relay.session:
+                            log.warning("deployment step not answered: the connection it started on was lost, "
+                                        "the broker starts the step again", outcome=outcome)
+                            return
+                        await message.reply(self.message_name(step, outcome), payload)
+                if scope.cancelled_caught:
+                    log.warning("deployment step abandoned: the broker started a step again")
+            finally:
+                if self._current is scope:
+                    self._current = None
         return run

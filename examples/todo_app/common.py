@@ -21,9 +21,11 @@ def parse_args(description: str, default_version: str | None = None, extra=None)
 
 
 def serve_forever(url: str, role: str, version: str | None, setup) -> None:
+    """Connect as `role`@`version` and serve until Ctrl-C (SIGINT), which
+    closes the connection cleanly. `setup(relay)` registers the handlers
+    before the relay connects."""
     async def main():
-        async with open_relay(url, role, version) as relay:
-            setup(relay)
+        async with open_relay(url, role, version, setup=setup):
             await trio.sleep_forever()
 
     try:

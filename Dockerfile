@@ -1,0 +1,52 @@
+# syntax=docker/dockerfile:1
+#
+# The exocom broker, and the example todo application in /app/examples.
+#
+#   docker build -t exocom .
+#   docker run -p 4100:4100 -v exocom-state:/var/lib/exocom exocom
+#
+# Routing configuration, in this order: `--config FILE` (mount it, e.g.
+#   -v ./routes.yml:/etc/exocom/routes.yml:ro ... exocom serve --config /etc/exocom/routes.yml),
+# else the SERVICE_DATA environment variable (JSON, as for the Go broker),
+# else the embedded default (config/todo-app.yml). See docs/OPERATING.md.
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# ---------------------------------------------------------------- build stage
+FROM ${PYTHON_IMAGE} AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY exocom/ exocom/
+COPY config/ config/
+# The exocom wheel and the wheels of everything it needs, so that the runtime
+# stage installs offline and carries no build tools.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+# -------------------------------------------------------------- runtime stage
+FROM ${PYTHON_IMAGE}
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    EXOCOM_STATE_DIR=/var/lib/exocom \
+    EXOCOM_PORT=4100
+RUN groupadd --system --gid 10001 exocom \
+    && useradd --system --uid 10001 --gid exocom --home-dir /var/lib/exocom --no-create-home \
+               --shell /usr/sbin/nologin exocom \
+    && mkdir -p /var/lib/exocom /etc/exocom \
+    && chown exocom:exocom /var/lib/exocom
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index --find-links=/wheels exocom
+WORKDIR /app
+# The example services (docker compose: config/docker-compose.yml) and the
+# routing files, e.g. `--config /app/config/todo-app.yml`.
+COPY examples/ /app/examples/
+COPY config/ /app/config/
+USER exocom
+VOLUME ["/var/lib/exocom"]
+EXPOSE 4100
+STOPSIGNAL SIGTERM
+# No curl in the slim image: a python one-liner. It follows EXOCOM_PORT (4100)
+# and ignores any HTTP proxy of the environment.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/healthz' % os.environ.get('EXOCOM_PORT', '4100'), timeout=3)"]
+ENTRYPOINT ["exocom"]
+CMD ["serve"]

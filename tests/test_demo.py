@@ -1,0 +1,157 @@
+"""`exocom demo`, end to end: a subprocess that starts the broker and the
+example services as processes of their own and tells what happens."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from processes import ROOT, wait_for
+
+DEMO = [sys.executable, "-m", "exocom", "demo"]
+
+
+def processes_using(path: str) -> list[str]:
+    """Command lines of running processes that run in `path` or name it (Linux /proc)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            cwd = str((proc / "cwd").readlink())
+        except OSError:
+            continue
+        if cwd.startswith(path) or any(path.encode() in a for a in args):
+            found.append(b" ".join(args).decode(errors="replace"))
+    return found
+
+
+def workdir_of(output: str) -> str:
+    return re.search(r"work directory (\S+)\)", output).group(1)
+
+
+def lines(output: str) -> list[str]:
+    """The output without the elapsed-time prefixes."""
+    return [re.sub(r"^\[\s*[\d.]+s\] ", "", line) for line in output.splitlines()]
+
+
+def index(lines_: list[str], prefix: str) -> int:
+    matches = [i for i, line in enumerate(lines_) if line.startswith(prefix)]
+    assert matches, f"no line starts with {prefix!r}"
+    return matches[0]
+
+
+def answer(lines_: list[str], prefix: str):
+    """Who answered the first `web.py ...  ->  answered by X: ...` line that
+    starts with `prefix`, and the answer: inline JSON, or for a list
+    "N todos" and one JSON line per todo."""
+    i = index(lines_, prefix)
+    by, rest = re.match(r".*  ->  answered by (\S+): (.*)$", lines_[i]).groups()
+    count = re.fullmatch(r"(\d+) todos?", rest)
+    if count is None:
+        return by, json.loads(rest)
+    items = [json.loads(line) for line in lines_[i + 1:i + 1 + int(count.group(1))]]
+    return by, items
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="checks leftover processes through /proc")
+def test_the_demo_walks_through_both_deployments_and_stops_everything():
+    result = subprocess.run([*DEMO, "--pause", "0.5"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = lines(result.stdout)
+
+    # Part 1: todo-search 0.0.1 is held, its deployment runs, then search finds the old todos.
+    held = index(out, "todo-search@0.0.1 registered: held")
+    no_answer = index(out, "web.py search milk  ->  no answer")
+    assert "no live version of 'todo-search'" in out[no_answer + 1]
+    assert held < no_answer < index(out, "the held search found nothing")
+    part1 = [index(out, f"deployment todo-search@0.0.1: {event}") for event in (
+        "offline step started", "offline step done", "version live", "online step started", "online step done",
+        "deployment finished")]
+    assert part1 == sorted(part1) and no_answer < part1[0]
+    assert answer(out, "web.py search milk  ->  answered") == ("todo-search@0.0.1", [{"id": 1, "title": "buy milk"}])
+    by, found = answer(out, "web.py search *")
+    assert by == "todo-search@0.0.1" and len(found) == 3
+    assert "search finds the old todos: buy milk, walk the dog, water the plants" in out
+
+    # Part 2: todos 2.0.0 next to 1.0.0.
+    assert any(line.startswith("todos@1.0.0 registered again") for line in out)
+    assert "todo-search@0.0.1 registered again (its relay reconnected by itself): live" in out
+    v2_held = index(out, "todos@2.0.0 registered: held")
+    part2 = [index(out, f"deployment todos@2.0.0: {event}") for event in (
+        "offline step started", "offline step done", "version live", "online step started", "online step done",
+        "deployment finished")]
+    assert part2 == sorted(part2) and v2_held < part2[0]
+    while_held = index(out, "web.py list  ->  answered by")
+    assert v2_held < while_held < part2[0] and out[while_held].startswith("web.py list  ->  answered by todos@1.0.0")
+    # During the offline step, production traffic still goes to 1.0.0 ...
+    during = index(out, "    production traffic: web --[ todos.create ]-> todos@1.0.0")
+    assert part2[0] < during < part2[1]
+    assert out[index(out, 'web.py add "call mum"')].startswith(
+        'web.py add "call mum" (while the offline step ran)  ->  answered by todos@1.0.0')
+    imports = [i for i, line in enumerate(out) if line == "    todos-v2-deployment --[ todos.import ]-> todos@2.0.0"]
+    assert len(imports) == 4 and part2[0] < min(imports) and max(imports) < part2[1]
+    # ... afterwards it goes to 2.0.0, which has every todo in its new schema ...
+    by, todos_v2 = answer(out, "web.py list  ->  answered by todos@2.0.0")
+    assert sorted(t["title"] for t in todos_v2) == ["buy milk", "call mum", "walk the dog", "water the plants"]
+    assert all(t["done"] is False and t["created_at"] for t in todos_v2)
+    assert index(out, "web.py list  ->  answered by todos@2.0.0") > part2[-1]
+    # ... and requests pinned to "1" still reach 1.0.0.
+    by, todos_v1 = answer(out, "web.py list --pin 1")
+    assert by == "todos@1.0.0" and "created_at" not in todos_v1[0]
+    assert answer(out, 'web.py add "book the dentist"')[0] == "todos@2.0.0"
+
+    assert out[-1].startswith("Done:") and "everything stopped" in out
+    workdir = workdir_of(result.stdout)
+    assert not Path(workdir).exists()
+    assert processes_using(workdir) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="checks leftover processes through /proc")
+def test_ctrl_c_stops_every_process_of_the_demo():
+    demo = subprocess.Popen([*DEMO, "--keep"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    output = []
+    try:
+        for line in demo.stdout:
+            output.append(line)
+            if "todo-search@0.0.1 registered: held" in line:
+                break
+        workdir = workdir_of("".join(output))
+        running = processes_using(workdir)
+        assert len(running) >= 3, running  # the broker, todos, todo-search (and maybe web.py)
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=30)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    try:
+        check_stopped(workdir, demo.returncode, "".join(output) + rest)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def check_stopped(workdir: str, returncode: int, rest: str) -> None:
+    assert returncode == 130, rest
+    assert "interrupted: stopping everything" in rest
+    wait_for(lambda: not processes_using(workdir), timeout=5, what="the demo's processes to exit")
+    # The services were stopped (Ctrl-C, no traceback anywhere) before the broker.
+    logs = {p.name: p.read_text() for p in Path(workdir).glob("*.log")}
+    assert not [name for name, text in logs.items() if "Traceback" in text]
+    events = [json.loads(line) for line in logs["broker.log"].splitlines() if line.startswith("{")]
+    services = [i for i, e in enumerate(events) if e["event"] == "service deregistered"
+                and e["role"] in ("todos", "todo-search")]
+    assert len(services) == 2
+    assert [e["event"] for e in events].index("broker stopping") > max(services)
+
+
+def test_the_demo_says_where_it_looked_for_the_examples(tmp_path):
+    result = subprocess.run([*DEMO, "--root", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "needs the examples of a source checkout" in result.stderr and str(tmp_path) in result.stderr
