@@ -391,8 +391,7 @@ class Demo:
                 self.detail(f'(meanwhile: web.py add "{ADDED_DURING_MIGRATION}")')
 
         self.start("todos-v2-deployment", "todos_v2_deployment.py", "--batch-size", "1", "--pause", str(self.pause))
-        scripts = {"todos-v2-deployment": "the deployment script",
-                   "todos-v2-reader": "the deployment script's connection that reads todos 1.x"}
+        scripts = {"todos-v2-deployment": "the deployment script"}
         milestones = self.follow_deployment("todos@2.0.0", scripts, since, add_during_migration)
         if probe:
             out, err = probe[0].communicate(timeout=30)

@@ -130,6 +130,12 @@ class Relay:
         self._changed = trio.Event()  # set and replaced on every change of state
         self._stopped = trio.Event()
         self._waiting: dict[str, trio.MemorySendChannel] = {}
+        # While not None, messages without a handler are kept here instead of
+        # dropped: `open_relay` keeps those that arrive before its block had
+        # a chance to register its handlers (a deployment step's start
+        # message comes right after the registration).
+        self._held: list[Message] | None = None
+        self._nursery: trio.Nursery | None = None
         # The scope `close()` cancels: around connecting and waiting to retry,
         # and inside an open connection -- never around the block that owns the
         # WebSocket, so that leaving it closes the WebSocket with a close
@@ -280,6 +286,7 @@ class Relay:
         try:
             async with trio.open_nursery() as nursery:
                 # Handlers run in this nursery too; they are cancelled when the relay stops.
+                self._nursery = nursery
                 async def connect_loop():
                     try:
                         await self._connect_loop(nursery)
@@ -405,20 +412,29 @@ class Relay:
             except (ValueError, KeyError, TypeError):
                 self.log.warning("relay got an unreadable frame", frame=str(data)[:200])
                 continue
-            waiting = self._waiting.get(message.activity_id)
-            handler = self.handlers.get(message.name)
-            if waiting is not None and handler is None:
-                try:
-                    waiting.send_nowait(message)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    pass
-                continue
-            if handler is None:
-                self.unhandled += 1
-                self.log.warning("no handler for message", name=message.name, activity_id=message.activity_id,
-                                 handlers=sorted(self.handlers))
-                continue
+            self._deliver(message, handlers)
+
+    def _deliver(self, message: Message, handlers: trio.Nursery) -> None:
+        waiting = self._waiting.get(message.activity_id)
+        handler = self.handlers.get(message.name)
+        if waiting is not None and handler is None:
+            try:
+                waiting.send_nowait(message)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+        elif handler is not None:
             handlers.start_soon(self._handle, handler, message)
+        elif self._held is not None:
+            self._held.append(message)
+        else:
+            self.unhandled += 1
+            self.log.warning("no handler for message", name=message.name, activity_id=message.activity_id,
+                             handlers=sorted(self.handlers))
+
+    def _release_held(self, handlers: trio.Nursery) -> None:
+        held, self._held = self._held, None
+        for message in held or ():
+            self._deliver(message, handlers)
 
     async def _handle(self, handler: Handler, message: Message) -> None:
         try:
@@ -503,6 +519,7 @@ async def open_relay(url: str, role: str, version: str | None = None, *, connect
                         refused_in_block = True
                         nursery.cancel_scope.cancel()
 
+            relay._held = []
             nursery.start_soon(run)
             with trio.move_on_after(connect_timeout):
                 while relay.registrations == 0 and not relay.closed:
@@ -513,6 +530,15 @@ async def open_relay(url: str, role: str, version: str | None = None, *, connect
                                          f"{connect_timeout:g}s" + (f": {relay.problem}" if relay.problem else ""))
             if relay.error is None and not relay.closed:
                 in_block = True
+
+                async def release_held() -> None:
+                    # Runs once the block reached its first checkpoint: by then
+                    # it registered the handlers it registers right away.
+                    if relay._nursery is not None:
+                        relay._release_held(relay._nursery)
+                    relay._held = None
+
+                nursery.start_soon(release_held)
                 try:
                     yield relay
                 finally:

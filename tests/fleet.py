@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
@@ -36,33 +36,24 @@ def routes(**script_options: Any) -> dict:
     }
 
 
-@asynccontextmanager
-async def running(relay: Relay):
-    """Run a relay whose handlers are attached already. (`open_relay` yields
-    only once the broker accepted the registration; a message that arrives
-    before the block attaches its handlers -- a deployment start can -- is
-    dropped as "no handler for message".)"""
-    async with trio.open_nursery() as nursery:
-        await nursery.start(relay.run)
-        try:
-            yield relay
-        finally:
-            relay.close()
-            nursery.cancel_scope.deadline = trio.current_time() + 5
+def handlers(**by_name) -> Callable[[Relay], None]:
+    """A `setup` for open_relay: attach these handlers before the relay
+    registers (a deployment start may arrive as soon as it is registered)."""
+    def setup(relay: Relay) -> None:
+        for name, fn in by_name.items():
+            relay.handler(name)(fn)
+    return setup
 
 
 @asynccontextmanager
 async def todos(url: str, version: str, received: list):
     """An instance of `todos`; it answers `todos.list` with its version and
     appends the `tag` of every request it got to `received`."""
-    relay = Relay(url, "todos", version, **FAST)
-
-    @relay.handler("todos.list")
     async def listing(message: Message) -> None:
         received.append((message.payload or {}).get("tag"))
         await message.reply("todos.listing", {"version": version})
 
-    async with running(relay):
+    async with open_relay(url, "todos", version, setup=handlers(**{"todos.list": listing}), **FAST) as relay:
         yield relay
 
 
@@ -117,9 +108,8 @@ class ScriptLog:
 
 @asynccontextmanager
 async def deployment_script(url: str, log: ScriptLog, *, offline=None, online=None):
-    relay = Relay(url, "todos-deployment", **FAST)
-    log.attach(relay, DeploymentScript("todos", NEW, offline=offline, online=online))
-    async with running(relay):
+    script = DeploymentScript("todos", NEW, offline=offline, online=online)
+    async with open_relay(url, "todos-deployment", setup=lambda relay: log.attach(relay, script), **FAST) as relay:
         yield relay
 
 

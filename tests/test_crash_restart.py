@@ -15,11 +15,11 @@ import sqlite3
 import pytest
 import trio
 
-from fleet import (EXOCOM, FAST, NEW, OLD, ScriptLog, ask, deployment, deployment_script, routes, running, steps,
+from fleet import (EXOCOM, FAST, NEW, OLD, ScriptLog, ask, deployment, deployment_script, handlers, routes, steps,
                    todos, todos_states, wait_connected, wait_deployment, web)
 from processes import BrokerProcess
 
-from exocom.relay import Relay, open_relay
+from exocom.relay import open_relay
 
 CANARY = "3.0.0"
 ROUTES = {**routes(), "canary-deployment": {"deploys": f"todos@{CANARY}"}}
@@ -211,13 +211,12 @@ async def test_a_finished_deployment_starts_nothing_after_a_crash(broker):
         # started, any step the broker wrongly started for 2.0.0 when its pair
         # registered would already show.
         canary_started = trio.Event()
-        canary = Relay(broker.url, "canary-deployment", **FAST)
 
-        @canary.handler(f"deployment-todos-{CANARY}-offline-start")
         async def canary_start(message):
             canary_started.set()
 
-        async with todos(broker.url, CANARY, []), running(canary):
+        setup = handlers(**{f"deployment-todos-{CANARY}-offline-start": canary_start})
+        async with todos(broker.url, CANARY, []), open_relay(broker.url, "canary-deployment", setup=setup, **FAST):
             with trio.fail_after(5):
                 await canary_started.wait()
         after = await deployment(broker.port)
@@ -278,8 +277,6 @@ async def test_exocom_deployments_lists_and_rearms_the_ledger_while_the_broker_i
         assert calls == ["online", "online"]
         await wait_connected(broker.port, OLD, NEW)
         assert await ask(client, "finished") == NEW
-
-
 async def test_closing_a_relay_while_the_broker_is_down_does_not_wait_for_running_handlers(broker):
     await start(broker)
     handling = trio.Event()

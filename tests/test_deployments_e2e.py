@@ -15,11 +15,11 @@ import pytest
 import trio
 
 from fleet import (EXOCOM, NEW, OLD, PREFIX, ScriptLog, ask, deployment, deployment_script, get, http, routes,
-                   running, steps, todos, todos_states, wait_deployment, web)
+                   handlers, steps, todos, todos_states, wait_deployment, web)
 from processes import free_port
 from wire import running_broker
 
-from exocom.relay import Relay
+from exocom.relay import open_relay
 
 
 async def test_new_version_is_held_during_offline_then_serves_beside_the_old_one(tmp_path):
@@ -200,9 +200,6 @@ async def test_a_step_past_its_time_limit_fails_and_a_late_answer_is_ignored(tmp
     old_got, new_got = [], []
     async with running_broker(routes(stepTimeout=0.5), tmp_path=tmp_path) as broker, \
             todos(broker.url, OLD, old_got), web(broker.url) as client, todos(broker.url, NEW, new_got):
-        script = Relay(broker.url, "todos-deployment")
-
-        @script.handler(f"{PREFIX}-offline-start")
         async def offline_start(message):
             starts.append(message.payload["attempt"])
             if message.payload["attempt"] == 1:
@@ -212,12 +209,12 @@ async def test_a_step_past_its_time_limit_fails_and_a_late_answer_is_ignored(tmp
             else:
                 await message.reply(f"{PREFIX}-offline-done")
 
-        @script.handler(f"{PREFIX}-online-start")
         async def online_start(message):
             starts.append(("online", message.payload["attempt"]))
             await message.reply(f"{PREFIX}-online-done")
 
-        async with running(script):
+        setup = handlers(**{f"{PREFIX}-offline-start": offline_start, f"{PREFIX}-online-start": online_start})
+        async with open_relay(broker.url, "todos-deployment", setup=setup) as script:
             d = await wait_deployment(broker.port, lambda d: d["state"] == "failed", "the time limit", timeout=5)
             assert d["stepTimeout"] == 0.5
             offline_step = d["steps"][0]
@@ -286,17 +283,9 @@ async def test_a_script_that_disconnects_mid_step_gets_the_step_again_when_it_re
         assert first.starts == [("offline", 1)]
 
 
-def test_a_late_answer_to_an_earlier_attempt_does_not_settle_the_running_attempt(tmp_path):
-    # A plain trio.run, so that the AssertionError reaches pytest unwrapped (for `raises`).
-    trio.run(late_answer_to_an_earlier_attempt, tmp_path)
-
-
-async def late_answer_to_an_earlier_attempt(tmp_path):
+async def test_a_late_answer_to_an_earlier_attempt_does_not_settle_the_running_attempt(tmp_path):
     release_late, late_sent, second_running, release_second = (trio.Event() for _ in range(4))
     async with running_broker(routes(stepTimeout=1), tmp_path=tmp_path) as broker, todos(broker.url, NEW, []):
-        script = Relay(broker.url, "todos-deployment")
-
-        @script.handler(f"{PREFIX}-offline-start")
         async def offline_start(message):
             if message.payload["attempt"] == 1:
                 await release_late.wait()
@@ -307,11 +296,11 @@ async def late_answer_to_an_earlier_attempt(tmp_path):
                 await release_second.wait()
                 await message.reply(f"{PREFIX}-offline-done")
 
-        @script.handler(f"{PREFIX}-online-start")
         async def online_start(message):
             await message.reply(f"{PREFIX}-online-done")
 
-        async with running(script):
+        setup = handlers(**{f"{PREFIX}-offline-start": offline_start, f"{PREFIX}-online-start": online_start})
+        async with open_relay(broker.url, "todos-deployment", setup=setup) as script:
             await wait_deployment(broker.port, lambda d: d["state"] == "failed", "the time limit")
             status, body = await http(broker.port, "POST", f"/deployments/todos@{NEW}/retry")
             assert status == 202, body
@@ -322,12 +311,10 @@ async def late_answer_to_an_earlier_attempt(tmp_path):
                 await late_sent.wait()
             # Frames of one connection are handled in order: the late answer has been.
             assert (await script.request("todos.list", {"tag": "barrier"})).payload["version"] == NEW
-            after_late = await deployment(broker.port)
-            if after_late["inFlight"] == "offline":
-                release_second.set()
-                finished = await wait_deployment(broker.port, lambda d: d["finished"], "the deployment to finish")
-                assert steps(finished) == {"offline": ("done", 2), "online": ("done", 1)}
-    # Asserted out here, outside the nurseries and their exception groups.
-    # Attempt 2 (time limit 1s) is still running; the stale answer changed nothing.
-    assert after_late["inFlight"] == "offline", after_late
-    assert steps(after_late) == {"offline": ("started", 2), "online": ("pending", 0)}
+            d = await deployment(broker.port)
+            # Attempt 2 (time limit 1s) is still running; the stale answer changed nothing.
+            assert d["inFlight"] == "offline", d
+            assert steps(d) == {"offline": ("started", 2), "online": ("pending", 0)}
+            release_second.set()
+            d = await wait_deployment(broker.port, lambda d: d["finished"], "the deployment to finish")
+            assert steps(d) == {"offline": ("done", 2), "online": ("done", 1)}

@@ -9,8 +9,7 @@ Both steps are safe to run twice (the import keeps ids).
 
     python todos_v2_deployment.py [--url ws://127.0.0.1:4100/services] [--pause 0.5 --batch-size 1]
 
-Routing: config/todo-app-v2.yml (roles todos-v2-deployment and
-todos-v2-reader).
+Routing: config/todo-app-v2.yml (role todos-v2-deployment).
 """
 
 import trio
@@ -19,29 +18,23 @@ from common import parse_args
 from exocom.relay import DeploymentScript, Relay, open_relay
 
 SCRIPT_ROLE = "todos-v2-deployment"
-# The contract lets a deployment script pin a message to the old version
-# (`script.request("todos.list", version="1")`), but the broker currently
-# sends every message of a deployment script for role R to the version it
-# deploys, pinned or not (see tests/test_relay.py::
-# test_a_deployment_script_can_pin_its_messages_to_the_old_version). Until
-# that is fixed, the script reads version 1 through a second connection under
-# a role of its own, whose messages are routed like anybody's.
-READER_ROLE = "todos-v2-reader"
 
 
 class Migration:
-    def __init__(self, reader: Relay, batch_size: int, pause: float):
-        self.reader = reader
+    def __init__(self, batch_size: int, pause: float):
         self.batch_size = batch_size
         self.pause = pause
 
-    async def read_v1(self) -> list[dict]:
-        return (await self.reader.request("todos.list", version="1", timeout=30)).payload
+    @staticmethod
+    async def read_v1(script: Relay) -> list[dict]:
+        # Pinned to version "1": while 2.0.0 is held, the script's other
+        # messages to `todos` reach 2.0.0, this one reaches todos 1.x.
+        return (await script.request("todos.list", version="1", timeout=30)).payload
 
     async def offline(self, script: Relay) -> None:
         copied: set[int] = set()
         while True:
-            new = [todo for todo in await self.read_v1() if todo["id"] not in copied]
+            new = [todo for todo in await self.read_v1(script) if todo["id"] not in copied]
             if not new:
                 break
             for i in range(0, len(new), self.batch_size):
@@ -55,7 +48,7 @@ class Migration:
         script.log.info("version 1 and 2.0.0 agree", todos=len(copied))
 
     async def online(self, script: Relay) -> None:
-        v1 = {t["id"] for t in await self.read_v1()}
+        v1 = {t["id"] for t in await self.read_v1(script)}
         # 2.0.0 is live now: it answers `todos.list` without a pin.
         v2 = {t["id"] for t in (await script.request("todos.list", timeout=30)).payload}
         missing = sorted(v1 - v2)
@@ -73,11 +66,10 @@ def main():
     args = parse_args(__doc__, extra=options)
 
     async def run():
-        async with open_relay(args.url, READER_ROLE) as reader:
-            migration = Migration(reader, args.batch_size, args.pause)
-            script = DeploymentScript("todos", "2.0.0", offline=migration.offline, online=migration.online)
-            async with open_relay(args.url, SCRIPT_ROLE, args.version, setup=script.attach):
-                await trio.sleep_forever()
+        migration = Migration(args.batch_size, args.pause)
+        script = DeploymentScript("todos", "2.0.0", offline=migration.offline, online=migration.online)
+        async with open_relay(args.url, SCRIPT_ROLE, args.version, setup=script.attach):
+            await trio.sleep_forever()
 
     try:
         trio.run(run)
