@@ -68,3 +68,36 @@ def test_deploying_todo_search_fills_it_with_existing_todos(stack, tmp_path):
     [deployment] = (broker.get("/deployments"))["deployments"]
     assert [s["status"] for s in deployment["steps"]] == ["done", "done"]
     assert [s["attempts"] for s in deployment["steps"]] == [1, 1]
+
+
+def test_the_script_waits_for_todos_when_its_online_step_starts_before_todos_is_up(stack, tmp_path):
+    broker, processes = stack
+    broker.start()
+    log = tmp_path / "services.log"
+    db = str(tmp_path / "todos.db")
+    todos = start_example("todos.py", "--url", broker.url, "--db", db, log=log)
+    processes.append(todos)
+    broker.wait_registered("todos")
+    for title in ("one", "two"):
+        assert run_web(broker.url, "add", title).returncode == 0
+    todos.terminate()
+    todos.wait(timeout=10)
+    wait_for(lambda: not any(c["role"] == "todos" and c["instances"] for c in broker.get("/config.json")["clients"]),
+             what="todos to deregister")
+
+    processes.append(start_example("todo_search.py", "--url", broker.url, "--version", "0.0.1", log=log))
+    processes.append(start_example("todo_search_deployment.py", "--url", broker.url, log=log))
+
+    def online_step_running():
+        steps = (broker.deployment("todo-search", "0.0.1") or {}).get("steps", [])
+        return [s["status"] for s in steps] == ["done", "started"]
+
+    wait_for(online_step_running, timeout=20, what="the online step to start")
+    # The script's first todos.list went nowhere; it asks again until todos is back.
+    wait_for(lambda: any(e["event"] == "message undeliverable" and e.get("name") == "todos.list"
+                         for e in broker.events()), timeout=10, what="todos.list to find no receiver")
+    processes.append(start_example("todos.py", "--url", broker.url, "--db", db, log=log))
+    wait_for(lambda: broker.deployment("todo-search", "0.0.1")["finished"], timeout=20, what="the deployment")
+    assert titles(run_web(broker.url, "search", "*")) == ["one", "two"]
+    [deployment] = broker.get("/deployments")["deployments"]
+    assert [s["attempts"] for s in deployment["steps"]] == [1, 1]
