@@ -524,7 +524,7 @@ class Broker:
         self._send_to(script, {"name": dep.message_name(d.target, step, "start"), "id": new_id(),
                                "activityId": activity_id, "payload": {"attempt": attempt}}, now, actions)
         actions.append(self._deployment_log("info", f"{step} step started", d, step, now, attempt=attempt,
-                                            script=script.label))
+                                            script_instance=script.label))
 
     def _write(self, d: dep.Deployment, record: dict[str, Any], actions: list) -> None:
         d.writing = record

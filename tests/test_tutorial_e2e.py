@@ -61,6 +61,9 @@ def test_deploying_todo_search_fills_it_with_existing_todos(stack, tmp_path):
     live_at = names.index("version live")
     assert names.index("offline step started") < names.index("offline step done") < live_at
     assert live_at < names.index("online step started") < names.index("online step done") < names.index("deployment finished")
+    steps_logged = [e for e in events if e.get("role") == "todo-search" and e.get("step")]
+    assert steps_logged and {e["script"] for e in steps_logged} == {"todo-search-deployment"}, \
+        "every deployment event names the script's role in `script`"
     to_search = [i for i, e in enumerate(events) if e["event"] == "message delivered"
                  and e["receiver"] == "todo-search" and e["sender"] != "todo-search-deployment"]
     assert to_search, "production traffic should reach todo-search once it is live"
