@@ -35,6 +35,10 @@ from .versions import UNVERSIONED, InvalidRequirement, InvalidVersion, Requireme
 
 REGISTER = "exocom.register-service"
 SECURITY_ROLE = "security"
+# A connection whose frames cause warnings (refused, undeliverable) gets this
+# many warning events per window; the rest is counted and summed up once.
+WARNING_BURST = 10
+WARNING_WINDOW = 10.0
 _dumps = orjson.dumps
 _loads = orjson.loads
 _OPT = orjson.OPT_UTC_Z
@@ -71,6 +75,7 @@ class Broker:
         self.security_requests = Generations(activity_ttl, now)  # activity -> security's activity
         self.log_deliveries = log_deliveries
         self.stats = Stats()
+        self._suppressing: set[Instance] = set()  # instances with warnings held back
         self.has_security = config.has_security
         self.deployments: dict[tuple[str, str], dep.Deployment] = {}
         self.deployment_by_script: dict[str, dep.Deployment] = {}
@@ -99,6 +104,8 @@ class Broker:
         actions: list = [
             Log("info", "service deregistered", {"role": instance.role, "version": str(instance.version), "instance": instance.label})
         ]
+        if instance.warnings_suppressed:
+            actions.append(self._suppressed_warnings(instance))
         script_of = self.deployment_by_script.get(instance.role)
         if script_of is not None and script_of.in_flight and script_of.in_flight.script_conn == conn:
             flight = script_of.in_flight
@@ -117,25 +124,25 @@ class Broker:
         if instance is None:
             return self._register(conn, message, now)
         if message.__class__ is not dict:
-            return [self._refusal(instance, *(("not_object", "not a JSON object") if message is not None else ("not_json", "not valid JSON")))]
+            return self._refusal(instance, now, *(("not_object", "not a JSON object") if message is not None else ("not_json", "not valid JSON")))
         name = message.get("name")
         if name.__class__ is not str:
-            return [self._refusal(instance, "no_name", "the message has no string 'name'")]
+            return self._refusal(instance, now, "no_name", "the message has no string 'name'")
         if name == REGISTER:
             return [
-                self._refusal(instance, "already_registered", "already registered", name=name),
+                *self._refusal(instance, now, "already_registered", "already registered", name=name),
                 Close(conn, CLOSE_ALREADY_REGISTERED, f"already registered as {instance.role}"),
             ]
         sender = message.get("sender")
         if sender is not None and sender != instance.role:
-            return [self._refusal(instance, "spoofed_sender", f"sender {sender!r} is not the role this connection registered as", name=name)]
+            return self._refusal(instance, now, "spoofed_sender", f"sender {sender!r} is not the role this connection registered as", name=name)
         if name in self.handshake_answers:
             return self._handshake_answer(instance, message, name, now)
         if self.has_security and instance.role == SECURITY_ROLE and name in _SECURITY_ANSWERS:
             # The security service needs no sends of its own for the adapter's messages.
             return self._security(instance, message, name, now)
         if name not in instance.profile.sends:
-            return [self._refusal(instance, "not_allowed", f"role {instance.role!r} is not allowed to send {name!r} (not in its sends)", name=name)]
+            return self._refusal(instance, now, "not_allowed", f"role {instance.role!r} is not allowed to send {name!r} (not in its sends)", name=name)
         if self.has_security:
             return self._security(instance, message, name, now)
         actions: list = []
@@ -147,6 +154,9 @@ class Broker:
         for generations in (self.activities, self.commands, self.authorizations, self.security_requests):
             generations.rotate_if_due(now)
         actions: list = []
+        if self._suppressing:
+            for instance in [i for i in self._suppressing if now - i.warning_window_start >= WARNING_WINDOW]:
+                actions.append(self._suppressed_warnings(instance))
         for d in self.deployments.values():
             flight = d.in_flight
             if flight is not None and now >= flight.deadline:
@@ -279,7 +289,7 @@ class Broker:
             try:
                 requirement = Requirement(raw_requirement)
             except InvalidRequirement as e:
-                actions.append(self._refusal(sender, "bad_version_requirement", str(e), name=name))
+                actions.extend(self._refusal(sender, now, "bad_version_requirement", str(e), name=name))
                 return
 
         # An answer to a command we routed recently goes back to the asker only.
@@ -294,7 +304,7 @@ class Broker:
         roles = self.table.receivers.get(public)
         if not roles:
             self.stats.undeliverable[public] += 1
-            actions.append(Log("warning", "message undeliverable", {
+            actions.extend(self._warning(sender, now, "message undeliverable", {
                 "sender": sender.role, "name": public, "reason": "no role receives this message"}))
             return
         script_of = self.deployment_by_script.get(sender.role)
@@ -319,11 +329,12 @@ class Broker:
             self._deliver(sender, target, message, public, activity, frame, encoded, actions)
         if missed is not None:
             # Nobody got it: a warning. Some roles got it: the others are a detail.
-            level = "warning" if len(missed) == len(roles) else "debug"
+            fields = {"sender": sender.role, "name": public, "activity_id": activity_id, "missed": missed}
             if len(missed) == len(roles):
                 self.stats.undeliverable[public] += 1
-            actions.append(Log(level, "message undeliverable", {
-                "sender": sender.role, "name": public, "activity_id": activity_id, "missed": missed}))
+                actions.extend(self._warning(sender, now, "message undeliverable", fields))
+            else:
+                actions.append(Log("debug", "message undeliverable", fields))
 
     def _choose(self, role: str, public: str, activity: dict | None,
                 requirement: Requirement | None) -> tuple[Instance | None, str]:
@@ -397,10 +408,39 @@ class Broker:
                 "response_time_ms": response_time / 1e6 if response_time else None,
             }))
 
-    def _refusal(self, instance: Instance, code: str, reason: str, name: str | None = None) -> Log:
+    def _refusal(self, instance: Instance, now: float, code: str, reason: str, name: str | None = None) -> list:
         self.stats.refused[code] += 1
-        return Log("warning", "message refused", {"role": instance.role, "instance": instance.label, "peer": instance.peer,
-                                                  "name": name, "code": code, "reason": reason})
+        return self._warning(instance, now, "message refused", {
+            "role": instance.role, "instance": instance.label, "peer": instance.peer, "name": name, "code": code,
+            "reason": reason})
+
+    def _warning(self, instance: Instance, now: float, event: str, fields: dict[str, Any]) -> list:
+        """A warning caused by one connection's frames -- at most
+        WARNING_BURST of them per connection and WARNING_WINDOW, so that a
+        flood cannot flood the log; the rest is summed up in one `warnings
+        suppressed` event when the window ends (see `tick`) or the
+        connection closes. The metrics count every one."""
+        if now - instance.warning_window_start >= WARNING_WINDOW:
+            instance.warning_window_start = now
+            instance.warnings_logged = 0
+        if instance.warnings_logged >= WARNING_BURST:
+            suppressed = instance.warnings_suppressed
+            if suppressed is None:
+                suppressed = instance.warnings_suppressed = {}
+                self._suppressing.add(instance)
+            suppressed[event] = suppressed.get(event, 0) + 1
+            return []
+        instance.warnings_logged += 1
+        return [Log("warning", event, fields)]
+
+    def _suppressed_warnings(self, instance: Instance) -> Log:
+        by_event, instance.warnings_suppressed = instance.warnings_suppressed or {}, None
+        self._suppressing.discard(instance)
+        return Log("warning", "warnings suppressed", {
+            "role": instance.role, "instance": instance.label, "peer": instance.peer,
+            "suppressed": sum(by_event.values()), "by_event": by_event,
+            "reason": f"more than {WARNING_BURST} warnings about this connection within {WARNING_WINDOW:g}s; "
+                      "the metrics count them all -- fix or stop this client"})
 
     # ---------------------------------------------------------------- security
 
@@ -413,7 +453,7 @@ class Broker:
             if name in ("message authorized", "message unauthorized"):
                 pending = self.authorizations.get(activity_id)
                 if pending is None:
-                    actions.append(self._refusal(instance, "unknown_authorization", "answer to an unknown or expired authorization", name=name))
+                    actions.extend(self._refusal(instance, now, "unknown_authorization", "answer to an unknown or expired authorization", name=name))
                     return actions
                 self.authorizations.pop(activity_id)
                 original, sender_conn = pending
@@ -431,7 +471,7 @@ class Broker:
             if name == "security request":
                 request = message.get("payload")
                 if not isinstance(request, dict) or not isinstance(request.get("name"), str):
-                    actions.append(self._refusal(instance, "bad_security_request", "'security request' needs a message object as payload", name=name))
+                    actions.extend(self._refusal(instance, now, "bad_security_request", "'security request' needs a message object as payload", name=name))
                     return actions
                 request.setdefault("id", new_id())
                 request.setdefault("activityId", new_id())
@@ -477,7 +517,7 @@ class Broker:
     def _handshake_answer(self, instance: Instance, message: dict, name: str, now: float) -> list:
         d, step, outcome = self.handshake_answers[name]
         if instance.role != d.script_role:
-            return [self._refusal(instance, "not_deployment_script", f"only {d.script_role!r} may answer the deployment of {d.target}", name=name)]
+            return self._refusal(instance, now, "not_deployment_script", f"only {d.script_role!r} may answer the deployment of {d.target}", name=name)
         flight = d.in_flight
         if flight is None or flight.step != step:
             return [self._deployment_log("warning", "deployment answer ignored", d, step, now,

@@ -10,7 +10,8 @@ LIVE, HELD, FAILED = "live", "held", "failed"
 
 
 class Instance:
-    __slots__ = ("conn", "role", "version", "profile", "peer", "versioned", "pool", "metric_key")
+    __slots__ = ("conn", "role", "version", "profile", "peer", "versioned", "pool", "metric_key",
+                 "warning_window_start", "warnings_logged", "warnings_suppressed")
 
     def __init__(self, conn: int, role: str, version: Version, profile: CompiledProfile, peer: str, versioned: bool):
         self.conn = conn
@@ -23,6 +24,9 @@ class Instance:
         self.versioned = versioned
         self.pool: VersionPool | None = None
         self.metric_key = (role, str(version))  # replaced by the broker with a capped label
+        self.warning_window_start = float("-inf")
+        self.warnings_logged = 0
+        self.warnings_suppressed: dict[str, int] | None = None  # event -> count, while held back
 
     @property
     def label(self) -> str:

@@ -4,6 +4,7 @@ from core import Harness
 
 from exocom.actions import (CLOSE_ALREADY_REGISTERED, CLOSE_BAD_REGISTRATION, CLOSE_BAD_VERSION,
                             CLOSE_NOT_REGISTERED, CLOSE_UNKNOWN_ROLE)
+from exocom.broker import WARNING_BURST, WARNING_WINDOW
 
 ROUTES = {
     "web": {"sends": ["users create", "ping"], "receives": ["users created", "pong"]},
@@ -93,6 +94,39 @@ def test_refusals_keep_connection_and_others_working():
     assert "'name'" in refusals[2] and "sender 'users'" in refusals[3] and "not allowed" in refusals[4]
     h.send(web, "ping")
     assert len(h.take(users)) == 1
+
+
+def test_a_flood_of_bad_frames_logs_a_burst_of_warnings_then_one_summary_per_window():
+    h = Harness(ROUTES)
+    web, users = h.connect("web"), h.connect("users")
+    for _ in range(WARNING_BURST + 15):
+        h.frame(web, "not json")
+    h.frame(users, "not json either")  # another connection has a budget of its own
+    refused = [log for log in h.logs if log.event == "message refused"]
+    assert [log.fields["role"] for log in refused] == ["web"] * WARNING_BURST + ["users"]
+    assert h.broker.stats.refused["not_json"] == WARNING_BURST + 16  # the metric counts every one
+    assert "warnings suppressed" not in h.events()
+    h.tick(WARNING_WINDOW / 2)
+    assert "warnings suppressed" not in h.events()
+    h.tick(WARNING_WINDOW / 2)
+    [summary] = [log for log in h.logs if log.event == "warnings suppressed"]
+    assert summary.level == "warning" and summary.fields["role"] == "web"
+    assert summary.fields["suppressed"] == 15 and summary.fields["by_event"] == {"message refused": 15}
+    # A new window logs again; what is held back when the client leaves is summed up then.
+    # Messages nobody receives count against the same budget.
+    h.logs.clear()
+    h.disconnect(users)
+    for _ in range(WARNING_BURST):
+        h.frame(web, "not json")
+    h.send(web, "ping")
+    h.send(web, "ping")
+    assert h.events().count("message refused") == WARNING_BURST and "message undeliverable" not in h.events()
+    assert h.broker.stats.undeliverable["ping"] == 2
+    h.disconnect(web)
+    [summary] = [log for log in h.logs if log.event == "warnings suppressed"]
+    assert summary.fields["by_event"] == {"message undeliverable": 2}
+    h.tick(WARNING_WINDOW)
+    assert h.events().count("warnings suppressed") == 1
 
 
 def test_registration_refusals():
