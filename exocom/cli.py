@@ -180,10 +180,8 @@ def deployments_command(args, environ) -> int:
             print(f"exocom deployments retry: {e}; or pass --url", file=sys.stderr)
             return 2
         return retry(args, environ, url)
-    try:
-        config = load(args.config, environ)
-    except ConfigError as e:
-        print(f"exocom deployments: invalid configuration: {e}", file=sys.stderr)
+    config = _load_config("exocom deployments", args, environ)
+    if config is None:
         return 2
     state_dir = args.state_dir or default_state_dir(environ)
     try:
@@ -207,6 +205,14 @@ def deployments_command(args, environ) -> int:
         error = next((s["lastError"] for s in row["steps"] if s["lastError"]), "")
         print(f"{row['role'] + '@' + row['version']:32} {row['deployedBy']:28} {row['state']:7} {cells[0]:16} {cells[1]:16} {error}")
     return 0
+
+
+def _load_config(command: str, args, environ):
+    try:
+        return load(args.config, environ)
+    except ConfigError as e:
+        print(f"{command}: invalid configuration: {e}", file=sys.stderr)
+        return None
 
 
 def retry(args, environ, url: str) -> int:
@@ -236,10 +242,8 @@ def retry(args, environ, url: str) -> int:
             print(f"exocom deployments retry: no answer from {url} ({reason}); nothing re-armed", file=sys.stderr)
             return 1
         # No broker running: re-arm in the ledger; it runs at the next start.
-    try:
-        config = load(args.config, environ)
-    except ConfigError as e:
-        print(f"exocom deployments retry: invalid configuration: {e}", file=sys.stderr)
+    config = _load_config("exocom deployments retry", args, environ)
+    if config is None:
         return 2
     state_dir = args.state_dir or default_state_dir(environ)
     try:

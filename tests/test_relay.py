@@ -17,6 +17,7 @@ from trio_websocket import ConnectionClosed, serve_websocket
 
 from exocom.relay import (DeploymentScript, Message, RegistrationRefused, RelayClosed, RelayError, RequestTimeout,
                           open_relay)
+from fleet import wait_until
 from processes import BrokerProcess
 from wire import running_broker
 
@@ -42,18 +43,6 @@ async def deployments(port: int) -> dict:
     """GET /deployments, keyed by ROLE@VERSION."""
     body = await trio.to_thread.run_sync(http_get, port, "/deployments")
     return {f"{d['role']}@{d['version']}": d for d in body["deployments"]}
-
-
-async def wait_until(condition, what: str, timeout: float = 5.0):
-    with trio.move_on_after(timeout):
-        while True:
-            value = condition()
-            if hasattr(value, "__await__"):
-                value = await value
-            if value:
-                return value
-            await trio.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @asynccontextmanager
