@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -138,16 +139,18 @@ def serve(args, environ) -> int:
 
     async def run():
         async with trio.open_nursery() as nursery:
+            def announce() -> None:
+                log.info("broker listening", host=args.host, port=server.port, config_source=config.source,
+                         roles=sorted(config.roles), deployments=[str(d) for _, d, _ in config.deployments()],
+                         state_dir=str(Path(state_dir).resolve()), ledger_records=len(records), version=__version__)
+
             try:
-                await nursery.start(server.serve, args.host, port)
+                await nursery.start(partial(server.serve, args.host, port, announce=announce))
             except OSError as e:
                 # Raised here unwrapped; once out of the nursery it would be an
                 # ExceptionGroup that the handler below does not catch.
                 listen_error.append(e)
                 return
-            log.info("broker listening", host=args.host, port=server.port, config_source=config.source,
-                     roles=sorted(config.roles), deployments=[str(d) for _, d, _ in config.deployments()],
-                     state_dir=str(Path(state_dir).resolve()), ledger_records=len(records), version=__version__)
             # What was loaded at startup lives as long as the process: keep the
             # garbage collector from walking it on every full collection.
             gc.freeze()

@@ -17,7 +17,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import h11
 import orjson
@@ -144,15 +144,20 @@ class Server:
 
     # ------------------------------------------------------------------ tasks
 
-    async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, host: str, port: int, *, announce: Callable[[], None] | None = None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled or stopped by a signal. `announce`
+        is called once listening, before anything else is logged."""
         listeners = await trio.open_tcp_listeners(port, host=host or None)
         self.listeners = listeners
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._ticker)
             nursery.start_soon(self._ledger_writer)
             if self.handle_signals:
-                nursery.start_soon(self._signals, nursery.cancel_scope)
+                await nursery.start(self._signals, nursery.cancel_scope)
             await nursery.start(self._accept, listeners, nursery)
+            if announce is not None:
+                announce()
             self.execute(self.broker.starting(time.time()))
             task_status.started(listeners)
 
@@ -187,8 +192,9 @@ class Server:
                     delay = min(delay * 2, 30.0)
             self.execute(self.broker.record_written(record, time.time()))
 
-    async def _signals(self, cancel_scope: trio.CancelScope) -> None:
+    async def _signals(self, cancel_scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for signum in signals:
                 if self.stopping:
                     self.log.warning("second signal: exiting at once", signal=signal.Signals(signum).name)

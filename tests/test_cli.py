@@ -235,6 +235,10 @@ async def test_no_configuration_uses_the_embedded_default(tmp_path):
         assert listening["config_source"] == "embedded default"
         assert listening["roles"] == sorted(["web", "todos", "todo-search", "todo-search-deployment"])
         assert listening["deployments"] == ["todo-search@0.0.1"]
+        held = await exocom.wait_for("deployment held")
+        assert held["role"] == "todo-search" and held["step"] == "offline"
+        events = [r["event"] for r in exocom.records()]
+        assert events.index("broker listening") == 0, "the startup event comes first"
         routes = (await get_config(port))["routes"]
         assert set(routes) == {"web", "todos", "todo-search", "todo-search-deployment"}
         assert routes["todo-search-deployment"]["deploys"] == "todo-search@0.0.1"
