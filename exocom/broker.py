@@ -244,7 +244,9 @@ class Broker:
             except InvalidVersion as e:
                 return refuse(CLOSE_BAD_VERSION, f"invalid version: {e}")
         self.pending.pop(conn, None)
-        d = self.deployments.get((role, str(version)))
+        # By version equality, not text: 0.0.1+build7 is 0.0.1 (build metadata
+        # does not count) and joins its pool, so it is held like 0.0.1.
+        d = next((d for d in self.deployments.values() if d.target.role == role and d.target.version == version), None)
         state = d.state if d is not None else LIVE
         instance = Instance(conn, role, version, routes.profile_for(version), peer, versioned)
         instance.metric_key = (role, self.stats.version_label(role, str(version)))
@@ -498,8 +500,11 @@ class Broker:
     def _send_to_role(self, role: str, message: dict, now: float, actions: list) -> None:
         target, reason = self._choose(role, message["name"], None, None)
         if target is None:
-            pools = self.registry.pools.get(role)
-            target = pools[0].instances[0] if pools else None
+            # The security role need not list the adapter's messages in its
+            # receives (it did not under Exocom 0.27): any live instance will do,
+            # never a held or failed one.
+            target = next((p.pick() for p in self.registry.pools.get(role, ()) if p.state == LIVE and p.instances),
+                          None)
         if target is None:
             actions.append(Log("warning", "message undeliverable", {"name": message["name"], "role": role,
                                                                     "reason": reason or f"no instance of {role!r}"}))

@@ -227,6 +227,35 @@ def test_deployment_handshake_holds_then_goes_live():
     assert h.take(web) == []  # the answers are consumed, not routed
 
 
+def test_a_version_with_build_metadata_is_held_like_the_version_it_deploys():
+    h = Harness(VERSIONED)
+    web, v1 = h.connect("web"), h.connect("todos", "1.0.0")
+    build = h.connect("todos", "2.0.0+build.7")
+    plain = h.connect("todos", "2.0.0")
+    assert h.broker.registry.pool("todos", v2_version()).state == "held"
+    for _ in range(4):
+        h.send(web, "todos.list")
+    assert (len(h.take(v1)), len(h.take(build)), len(h.take(plain))) == (4, 0, 0)
+
+
+def test_the_security_adapter_never_asks_a_held_security_version():
+    h = Harness({
+        "web": {"sends": ["ping"]},
+        "users": {"receives": ["ping"]},
+        "security": {},  # as under Exocom 0.27: the adapter's messages need not be listed
+        "security-deployment": {"deploys": "security@2.0.0"},
+    })
+    web, users = h.connect("web"), h.connect("users")
+    held = h.connect("security", "2.0.0")
+    h.send(web, "ping")
+    assert h.take(held) == [] and h.take(users) == []
+    assert "message undeliverable" in h.events("warning")
+    live = h.connect("security", "1.0.0")
+    for _ in range(3):
+        h.send(web, "ping")
+    assert h.names(live) == ["authorize message"] * 3 and h.take(held) == []
+
+
 def v2_version():
     from exocom.versions import Version
     return Version("2.0.0")
