@@ -168,6 +168,9 @@ def serve(args, environ) -> int:
         if e.errno == errno.EACCES:
             return fail(f"no permission to listen on port {port}: use a port above 1023 or pass --port")
         return fail(f"cannot listen on {args.host}:{port}: {e}")
+    if server.forced_stop:
+        log.warning("broker stopped", forced=True)
+        return 1
     log.info("broker stopped")
     return 0
 

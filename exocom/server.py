@@ -93,6 +93,7 @@ class Server:
         self._accept_scope = trio.CancelScope()
         self.started_at = time.time()
         self.stopping = False
+        self.forced_stop = False  # a second signal cut the graceful stop short
 
     # --------------------------------------------------------------- actions
 
@@ -154,7 +155,7 @@ class Server:
             nursery.start_soon(self._ticker)
             nursery.start_soon(self._ledger_writer)
             if self.handle_signals:
-                await nursery.start(self._signals, nursery.cancel_scope)
+                await nursery.start(self._signals, nursery)
             await nursery.start(self._accept, listeners, nursery)
             if announce is not None:
                 announce()
@@ -192,30 +193,34 @@ class Server:
                     delay = min(delay * 2, 30.0)
             self.execute(self.broker.record_written(record, time.time()))
 
-    async def _signals(self, cancel_scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _signals(self, nursery: trio.Nursery, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             async for signum in signals:
+                name = signal.Signals(signum).name
                 if self.stopping:
-                    self.log.warning("second signal: exiting at once", signal=signal.Signals(signum).name)
-                    cancel_scope.cancel()
+                    self.log.warning("second signal: exiting at once", signal=name)
+                    self.forced_stop = True
+                    nursery.cancel_scope.cancel()
                     return
                 self.stopping = True
-                self.log.info("broker stopping", signal=signal.Signals(signum).name,
-                              grace_period_s=self.grace_period)
-                # Closing a listener under serve_listeners' pending accept() would make it
-                # raise ClosedResourceError and crash the server: cancel the accept loop
-                # instead (it closes the listeners as it ends).
-                self._accept_scope.cancel()
-                for peer in list(self.peers.values()):
-                    peer.close(CLOSE_GOING_AWAY, "exocom is shutting down")
-                cancel_scope.deadline = trio.current_time() + self.grace_period
-                # The ledger writer may still be busy; everything else can stop now.
-                with trio.move_on_after(self.grace_period):
-                    while self.peers:
-                        await trio.sleep(0.05)
-                cancel_scope.cancel()
-                return
+                self.log.info("broker stopping", signal=name, grace_period_s=self.grace_period)
+                # Runs beside this loop, which keeps listening for a second signal.
+                nursery.start_soon(self._stop_gracefully, nursery.cancel_scope)
+
+    async def _stop_gracefully(self, cancel_scope: trio.CancelScope) -> None:
+        # Closing a listener under serve_listeners' pending accept() would make it
+        # raise ClosedResourceError and crash the server: cancel the accept loop
+        # instead (it closes the listeners as it ends).
+        self._accept_scope.cancel()
+        for peer in list(self.peers.values()):
+            peer.close(CLOSE_GOING_AWAY, "exocom is shutting down")
+        # A ledger write in progress finishes (worker threads are not
+        # abandoned); what is still queued is not acknowledged to anyone yet.
+        with trio.move_on_after(self.grace_period):
+            while self.peers:
+                await trio.sleep(0.05)
+        cancel_scope.cancel()
 
     # --------------------------------------------------------------- per TCP
 

@@ -17,6 +17,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
+from raw_ws import RawClient
 from wire import Service
 
 _SCRIPT = Path(sys.executable).with_name("exocom")
@@ -313,4 +314,50 @@ async def test_sigterm_closes_connections_and_exits_0(tmp_path):
         assert await exocom.wait_exit() == 0, exocom.output
         assert (await exocom.wait_for("broker stopping"))["signal"] == "SIGTERM"
         await exocom.wait_for("broker stopped")
+        assert "Traceback" not in exocom.output
+
+
+async def deaf_client(port: int) -> RawClient:
+    """Registered, then never reads again: it never answers the close frame."""
+    client = await RawClient.connect(port)
+    await client.send_json({"name": "exocom.register-service", "sender": "web", "id": "r1"})
+    await wait_config(port, lambda c: [x["role"] for x in c["clients"]] == ["web"])
+    return client
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_client_that_never_closes_is_dropped_after_the_grace_period_and_exit_is_0(tmp_path, sig):
+    port = free_port()
+    env = environment(SERVICE_DATA=json.dumps(ROUTES), PORT=str(port))
+    async with exocom_serve(tmp_path, "--host", "127.0.0.1", "--grace-period", "1", env=env) as exocom:
+        await exocom.wait_for("broker listening")
+        client = await deaf_client(port)
+        try:
+            exocom.process.send_signal(sig)
+            started = trio.current_time()
+            assert await exocom.wait_exit(timeout=10) == 0, exocom.output
+            assert 0.9 <= trio.current_time() - started < 5, "the grace period is 1 s"
+        finally:
+            await client.aclose()
+        assert (await exocom.wait_for("broker stopping"))["signal"] == sig.name
+        await exocom.wait_for("broker stopped")
+
+
+async def test_a_second_signal_exits_at_once(tmp_path):
+    port = free_port()
+    env = environment(SERVICE_DATA=json.dumps(ROUTES), PORT=str(port))
+    async with exocom_serve(tmp_path, "--host", "127.0.0.1", "--grace-period", "60", env=env) as exocom:
+        await exocom.wait_for("broker listening")
+        client = await deaf_client(port)
+        try:
+            exocom.process.send_signal(signal.SIGTERM)
+            await exocom.wait_for("broker stopping")
+            exocom.process.send_signal(signal.SIGINT)
+            started = trio.current_time()
+            assert await exocom.wait_exit(timeout=10) == 1, exocom.output
+            assert trio.current_time() - started < 3
+        finally:
+            await client.aclose()
+        assert (await exocom.wait_for("second signal: exiting at once"))["signal"] == "SIGINT"
+        assert (await exocom.wait_for("broker stopped"))["forced"] is True
         assert "Traceback" not in exocom.output
