@@ -107,14 +107,17 @@ class Server:
                 if peer is None or peer.closing:
                     continue
                 data = action.data
-                size = len(data)
+                header = text_header(len(data))
+                size = len(header) + len(data)
+                # outbox_bytes counts what is queued and what the writer is
+                # still sending: all the memory this receiver holds.
                 if peer.outbox_bytes + size > max_outbox:
                     self._drop_slow_consumer(peer)
                     continue
                 outbox = peer.outbox
                 if not outbox:
                     peer.wakeup.set()
-                outbox.append(text_header(size))
+                outbox.append(header)
                 outbox.append(data)
                 peer.outbox_bytes += size
             elif cls is Log:
@@ -391,7 +394,6 @@ class Server:
                 continue
             data = b"".join(peer.outbox)
             peer.outbox.clear()
-            peer.outbox_bytes = 0
             try:
                 await stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -399,3 +401,4 @@ class Server:
                 if peer.cancel_scope is not None:
                     peer.cancel_scope.cancel()
                 return
+            peer.outbox_bytes = max(0, peer.outbox_bytes - len(data))  # 0 if dropped meanwhile

@@ -1,0 +1,35 @@
+"""The outbox bound of one receiver, on the trio shell with an in-memory
+stream whose other end never reads (deterministic, unlike kernel buffers)."""
+
+import trio
+import trio.testing
+
+from exocom.actions import Deliver
+from exocom.broker import Broker
+from exocom.config import parse_service_data
+from exocom.server import Limits, Peer, Server
+
+LIMIT = 1000
+PAYLOAD = b"x" * 300  # 302 bytes with its frame header
+
+
+async def test_the_outbox_limit_counts_what_the_writer_is_still_sending():
+    broker = Broker(parse_service_data({"sink": {}}, "test"))
+    server = Server(broker, None, Limits(max_outbox_bytes=LIMIT), handle_signals=False)
+    ours, theirs = trio.testing.lockstep_stream_pair()  # `theirs` never reads
+    peer = Peer(1, "test", ours)
+    server.peers[1] = peer
+    accepted = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._writer, peer)
+        while not peer.closing:
+            server.execute([Deliver(1, PAYLOAD)])
+            if not peer.closing:
+                accepted += 1
+            # Let the writer take what is queued into its (stuck) send.
+            await trio.testing.wait_all_tasks_blocked()
+            assert peer.outbox_bytes <= LIMIT
+        nursery.cancel_scope.cancel()
+    # 3 x 302 bytes fit in 1000, in flight and queued together; a fourth does not.
+    assert accepted == 3
+    assert broker.stats.slow_consumers == 1
