@@ -24,10 +24,11 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 # -------------------------------------------------------------- runtime stage
 FROM ${PYTHON_IMAGE}
+# No EXOCOM_PORT here: it would win over PORT, which the Go broker's users
+# set (`docker run -e PORT=...`). The default port is 4100 either way.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    EXOCOM_STATE_DIR=/var/lib/exocom \
-    EXOCOM_PORT=4100
+    EXOCOM_STATE_DIR=/var/lib/exocom
 RUN groupadd --system --gid 10001 exocom \
     && useradd --system --uid 10001 --gid exocom --home-dir /var/lib/exocom --no-create-home \
                --shell /usr/sbin/nologin exocom \
@@ -44,9 +45,11 @@ USER exocom
 VOLUME ["/var/lib/exocom"]
 EXPOSE 4100
 STOPSIGNAL SIGTERM
-# No curl in the slim image: a python one-liner. It follows EXOCOM_PORT (4100)
-# and ignores any HTTP proxy of the environment.
+# No curl in the slim image: a python one-liner. It finds the port as
+# `exocom serve` does (EXOCOM_PORT, else PORT, else 4100) and ignores any HTTP
+# proxy of the environment. (Containers of this image that run an example
+# service instead of the broker turn it off: config/docker-compose.yml.)
 HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/healthz' % os.environ.get('EXOCOM_PORT', '4100'), timeout=3)"]
+    CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/healthz' % (os.environ.get('EXOCOM_PORT') or os.environ.get('PORT') or '4100'), timeout=3)"]
 ENTRYPOINT ["exocom"]
 CMD ["serve"]

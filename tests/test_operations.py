@@ -472,15 +472,17 @@ def test_the_image_command_serves_with_the_dockerfile_environment_and_passes_its
     executable = shutil.which(command[0], path=str(Path(sys.executable).parent))
     assert executable, f"{command[0]} is not installed next to {sys.executable}"
     port = free_port()
+    # PORT, as users of the Go broker set it (`docker run -e PORT=...`): the
+    # image's environment must not override it.
     env = environment(**{**dockerfile_env(), "EXOCOM_STATE_DIR": str(tmp_path / "var-lib-exocom"),
-                         "EXOCOM_PORT": str(port)})
+                         "PORT": str(port)})
     log = open(tmp_path / "broker.log", "w")
     process = subprocess.Popen([executable, *command[1:]], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     log.close()
     health = healthcheck_command()
     assert health[0] == "python"
     health = [sys.executable, *health[1:]]  # the image's python
-    health_env = environment(EXOCOM_PORT=str(port))
+    health_env = environment(**{**dockerfile_env(), "PORT": str(port)})
     try:
         status = wait_for(lambda: process.poll() is not None or http_get_or_none(f"http://127.0.0.1:{port}/readyz"),
                           what="the broker to be ready")
@@ -530,6 +532,9 @@ def test_compose_file_names_existing_scripts_and_waits_for_a_healthy_broker():
             assert dependency in services
             if condition["condition"] == "service_healthy":
                 assert dependency == "exocom" or services[dependency]["healthcheck"]["test"][0] == "CMD"
+        if name != "todos":
+            # Not a broker: the image's health check would mark it unhealthy forever.
+            assert service["healthcheck"] == {"disable": True}, f"{name} inherits the broker's health check"
         argv = container_argv(service)
         assert argv[0] == "python" and argv[1].startswith("/app/examples/todo_app/"), argv
         assert (ROOT / argv[1].removeprefix("/app/")).is_file(), f"{name} runs {argv[1]}, which does not exist"
