@@ -237,10 +237,10 @@ class Broker:
         payload = message.get("payload")
         raw_version = payload.get("version") if isinstance(payload, dict) else None
         if raw_version is None:
-            version, versioned = UNVERSIONED, False
+            version = UNVERSIONED
         else:
             try:
-                version, versioned = Version(raw_version), True
+                version = Version(raw_version)
             except InvalidVersion as e:
                 return refuse(CLOSE_BAD_VERSION, f"invalid version: {e}")
         self.pending.pop(conn, None)
@@ -248,7 +248,7 @@ class Broker:
         # does not count) and joins its pool, so it is held like 0.0.1.
         d = next((d for d in self.deployments.values() if d.target.role == role and d.target.version == version), None)
         state = d.state if d is not None else LIVE
-        instance = Instance(conn, role, version, routes.profile_for(version), peer, versioned)
+        instance = Instance(conn, role, version, routes.profile_for(version), peer)
         instance.metric_key = (role, self.stats.version_label(role, str(version)))
         self.registry.add(instance, state)
         actions: list = [Log("info", "service registered", {
@@ -336,7 +336,9 @@ class Broker:
                 self.stats.undeliverable[public] += 1
                 actions.extend(self._warning(sender, now, "message undeliverable", fields))
             else:
-                actions.append(Log("debug", "message undeliverable", fields))
+                # Contract 3.2: a role that misses it (e.g. no version satisfies
+                # the requirement) is logged with why.
+                actions.extend(self._warning(sender, now, "message undeliverable", fields, level="info"))
 
     def _choose(self, role: str, public: str, activity: dict | None,
                 requirement: Requirement | None) -> tuple[Instance | None, str]:
@@ -416,7 +418,7 @@ class Broker:
             "role": instance.role, "instance": instance.label, "peer": instance.peer, "name": name, "code": code,
             "reason": reason})
 
-    def _warning(self, instance: Instance, now: float, event: str, fields: dict[str, Any]) -> list:
+    def _warning(self, instance: Instance, now: float, event: str, fields: dict[str, Any], level: str = "warning") -> list:
         """A warning caused by one connection's frames -- at most
         WARNING_BURST of them per connection and WARNING_WINDOW, so that a
         flood cannot flood the log; the rest is summed up in one `warnings
@@ -433,7 +435,7 @@ class Broker:
             suppressed[event] = suppressed.get(event, 0) + 1
             return []
         instance.warnings_logged += 1
-        return [Log("warning", event, fields)]
+        return [Log(level, event, fields)]
 
     def _suppressed_warnings(self, instance: Instance) -> Log:
         by_event, instance.warnings_suppressed = instance.warnings_suppressed or {}, None

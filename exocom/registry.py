@@ -10,18 +10,15 @@ LIVE, HELD, FAILED = "live", "held", "failed"
 
 
 class Instance:
-    __slots__ = ("conn", "role", "version", "profile", "peer", "versioned", "pool", "metric_key",
+    __slots__ = ("conn", "role", "version", "profile", "peer", "pool", "metric_key",
                  "warning_window_start", "warnings_logged", "warnings_suppressed")
 
-    def __init__(self, conn: int, role: str, version: Version, profile: CompiledProfile, peer: str, versioned: bool):
+    def __init__(self, conn: int, role: str, version: Version, profile: CompiledProfile, peer: str):
         self.conn = conn
         self.role = role
         self.version = version
         self.profile = profile
         self.peer = peer
-        # Old clients (no version on registration) must never get a frame they
-        # did not ask for; versioned clients speak our extended protocol.
-        self.versioned = versioned
         self.pool: VersionPool | None = None
         self.metric_key = (role, str(version))  # replaced by the broker with a capped label
         self.warning_window_start = float("-inf")

@@ -93,7 +93,7 @@ class Message:
         """Answer on the same activity, with `responseTo` set to this message,
         so that the broker delivers the answer to the asker only."""
         return await self.relay.send(name, payload, activity_id=self.activity_id, response_to=self.id,
-                                     auth=self.raw.get("auth"), **options)
+                                     auth=self.raw.get("auth"), is_security=self.raw.get("isSecurity"), **options)
 
 
 Handler = Callable[[Message], Awaitable[Any]]
@@ -206,7 +206,7 @@ class Relay:
 
     async def send(self, name: str, payload: Any = None, *, version: str | None = None,
                    activity_id: str | None = None, response_to: str | None = None, auth: Any = None,
-                   timeout: float = 10.0) -> str:
+                   is_security: bool | None = None, timeout: float = 10.0) -> str:
         """Send a message; returns its activity id. `version` is a requirement
         on the receiving role's version ("2", "2.1", "2.1.3"). While
         disconnected it waits up to `timeout` seconds for the connection."""
@@ -220,6 +220,8 @@ class Relay:
             frame["responseTo"] = response_to
         if auth is not None:
             frame["auth"] = auth
+        if is_security is not None:
+            frame["isSecurity"] = is_security
         data = json.dumps(frame)
         deadline = trio.current_time() + timeout
         while True:

@@ -187,6 +187,16 @@ def test_newest_live_version_and_pinning():
     assert any("satisfies version '3'" in str(log.fields) for log in h.logs if log.event == "message undeliverable")
 
 
+def test_a_role_that_misses_a_message_others_got_is_logged_at_info_with_why():
+    h = Harness({**VERSIONED, "audit": {"receives": ["todos.list"]}})
+    web, audit, v1 = h.connect("web"), h.connect("audit", "2.0.0"), h.connect("todos", "1.0.0")
+    h.send(web, "todos.list", version="2")
+    assert len(h.take(audit)) == 1 and h.take(v1) == []
+    [missed] = [log for log in h.logs if log.event == "message undeliverable"]
+    assert missed.level == "info"  # shown at the default level: some roles got it, todos did not
+    assert "satisfies version '2'" in missed.fields["missed"]["todos"]
+
+
 def test_response_to_answers_only_the_asker():
     h = Harness({"a": {"sends": ["q"], "receives": ["r"]}, "b": {"sends": ["q"], "receives": ["r"]},
                  "server": {"receives": ["q"], "sends": ["r"]}})

@@ -98,6 +98,19 @@ async def test_request_gets_the_reply_with_response_to_and_only_the_asker_gets_i
             assert audited == [{"marker": True}]
 
 
+async def test_a_reply_carries_the_auth_and_is_security_of_the_message_it_answers():
+    async with running_broker(ROUTES) as broker:
+        answers = []
+        async with todos_service(broker.url, "1.0.0"), open_relay(broker.url, "web") as web:
+            @web.handler("todos.created")
+            async def answered(message):
+                answers.append(message.raw)
+
+            await web.send("todos.create", {"title": "x"}, auth={"token": "t0k3n"}, is_security=True)
+            [answer] = await wait_until(lambda: answers, "the answer")
+            assert answer["auth"] == {"token": "t0k3n"} and answer["isSecurity"] is True
+
+
 async def test_stream_collects_answers_until_the_final_one():
     async with running_broker(ROUTES) as broker:
         async with todos_service(broker.url, "1.0.0"), open_relay(broker.url, "web") as web:
