@@ -21,7 +21,7 @@ from . import __version__
 from .broker import Broker
 from .check import check_config_command
 from .config import ConfigError, load
-from .ledger import LedgerError, SQLiteLedger
+from .ledger import FILE_NAME, LedgerError, SQLiteLedger
 from .logs import LEVELS, configure, get_logger
 from .server import Limits, Server
 from .status import status_command
@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(deployments)
     deployments.add_argument("action", nargs="?", choices=("list", "retry"), default="list")
     deployments.add_argument("target", nargs="?", metavar="ROLE@VERSION")
-    deployments.add_argument("--url", default=None, help="a running broker to ask first (default http://127.0.0.1:$PORT)")
+    deployments.add_argument("--url", default=None, help="retry: the running broker to ask first (default "
+                                                           "http://127.0.0.1:$EXOCOM_PORT, else $PORT, else 4100); "
+                                                           "list always reads the ledger")
     deployments.add_argument("--json", action="store_true", help="print JSON")
 
     status = sub.add_parser("status", help="roles, versions, instances and deployments of a running broker "
@@ -190,12 +192,21 @@ def deployments_command(args, environ) -> int:
     if config is None:
         return 2
     state_dir = args.state_dir or default_state_dir(environ)
-    try:
-        ledger = SQLiteLedger.in_state_dir(state_dir, create=False)
-        records = ledger.load()
-        ledger.close()
-    except LedgerError:
+    ledger_path = Path(state_dir) / FILE_NAME
+    if not ledger_path.exists():
+        # Not an error (no broker has run here yet), but never silent: a wrong
+        # --state-dir would otherwise show every deployment as pending.
+        print(f"exocom deployments: no ledger at {ledger_path}: nothing recorded yet; "
+              "is this the broker's --state-dir (or EXOCOM_STATE_DIR)?", file=sys.stderr)
         records = []
+    else:
+        try:
+            ledger = SQLiteLedger.in_state_dir(state_dir, create=False)
+            records = ledger.load()
+            ledger.close()
+        except LedgerError as e:
+            print(f"exocom deployments: {e}", file=sys.stderr)
+            return 2
     broker = Broker(config, ledger_records=records)
     rows = broker.deployments_json()
     if args.json:
@@ -210,6 +221,9 @@ def deployments_command(args, environ) -> int:
         cells = [f"{steps[n]['status']} ({steps[n]['attempts']}x)" for n in ("offline", "online")]
         error = next((s["lastError"] for s in row["steps"] if s["lastError"]), "")
         print(f"{row['role'] + '@' + row['version']:32} {row['deployedBy']:28} {row['state']:7} {cells[0]:16} {cells[1]:16} {error}")
+    if broker.orphan_records:
+        print(f"\n{len(broker.orphan_records)} ledger records belong to deployments this configuration does not "
+              "declare (kept, not acted on): --json lists them")
     return 0
 
 

@@ -67,6 +67,14 @@ def test_listing_needs_no_port_and_retry_names_a_bad_port_variable(tmp_path, con
     assert len(ledger_records(state)) == 4
 
 
+def test_listing_a_state_dir_without_a_ledger_says_so(tmp_path, config):
+    listed = exocom("--state-dir", str(tmp_path / "elsewhere"), "--config", str(config))
+    assert listed.returncode == 0
+    assert f"todos@{NEW}" in listed.stdout and "pending (0x)" in listed.stdout
+    assert f"no ledger at {tmp_path / 'elsewhere' / 'ledger.sqlite3'}" in listed.stderr
+    assert not (tmp_path / "elsewhere").exists(), "listing created a state directory"
+
+
 def test_retry_with_the_broker_down_and_no_ledger_creates_none(tmp_path, config):
     typo = tmp_path / "no-such-state"
     result = exocom("retry", f"todos@{NEW}", "--state-dir", str(typo), "--config", str(config),

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from processes import EXAMPLES, ROOT, BrokerProcess, free_port, start_example, wait_for
+from processes import EXAMPLES, ROOT, BrokerProcess, free_port, run_web, start_example, wait_for
 
 TODO_CONFIG = ROOT / "config" / "todo-app.yml"
 COMPOSE = ROOT / "config" / "docker-compose.yml"
@@ -259,6 +259,20 @@ def test_status_shows_roles_versions_and_deployment_progress(broker, services, t
     assert "2/2 steps done, finished" in deployment
     assert result.stdout.rstrip().endswith("OK: every connected version is live and no deployment failed")
     assert json.loads(exocom("status", "--url", broker.http, "--json").stdout)["problems"] == []
+
+    # The same deployment in /metrics, scraped from the real process.
+    run_web(broker.url, "search", "*")
+    with urllib.request.urlopen(broker.http + "/metrics", timeout=5) as response:
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        samples = dict(line.rsplit(" ", 1) for line in response.read().decode().splitlines()
+                       if line and not line.startswith("#"))
+    labels = 'role="todo-search",version="0.0.1"'
+    assert samples[f'exocom_deployment_state{{{labels},state="live"}}'] == "1"
+    assert samples[f'exocom_deployment_state{{{labels},state="held"}}'] == "0"
+    assert float(samples[f'exocom_deployment_step_duration_seconds{{{labels},step="online"}}']) >= 0
+    assert int(samples[f'exocom_deliveries_total{{{labels}}}']) >= 1  # the deployment script's and the search
+    assert samples['exocom_connections{role="todos",version="1.0.0"}'] == "1"
+    assert int(samples["exocom_messages_routed_total"]) >= 2
 
 
 FAILING_SCRIPT = """\
