@@ -333,7 +333,7 @@ class Demo:
                 raise DemoError(f"todos did not answer: {payload}")
 
         since = self.log.mark()
-        self.start("todo-search", "todo_search.py", "--version", "0.0.1")
+        self.start("todo-search", "todo_search.py", "--version", "0.0.1", "--db", str(self.workdir / "todo-search.sqlite3"))
         event = self.registered("todo-search", since)
         self.say(f"todo-search@0.0.1 registered: {event['state']} (its deployment script has not run yet)")
         since = self.log.mark()

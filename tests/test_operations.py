@@ -220,7 +220,7 @@ def table_rows(stdout: str) -> list[list[str]]:
 
 def test_status_shows_roles_versions_and_deployment_progress(broker, services, tmp_path):
     services("todos.py", "--url", broker.url, "--db", str(tmp_path / "todos.sqlite3"))
-    services("todo_search.py", "--url", broker.url)
+    services("todo_search.py", "--url", broker.url, "--db", str(tmp_path / "todo-search.sqlite3"))
     broker.wait_registered("todos")
     broker.wait_registered("todo-search")
 
@@ -300,7 +300,7 @@ trio.run(main)
 def test_status_exits_1_and_names_a_failed_deployment(broker, services, tmp_path):
     script = tmp_path / "failing_deployment.py"
     script.write_text(FAILING_SCRIPT)
-    services("todo_search.py", "--url", broker.url)
+    services("todo_search.py", "--url", broker.url, "--db", str(tmp_path / "todo-search.sqlite3"))
     services(str(script), broker.url)
     wait_for(lambda: (broker.deployment("todo-search", "0.0.1") or {}).get("state") == "failed",
              what="the deployment to fail")

@@ -38,12 +38,13 @@ def test_deploying_todo_search_fills_it_with_existing_todos(stack, tmp_path):
     broker, processes = stack
     broker.start()
     log = tmp_path / "services.log"
+    search_db = str(tmp_path / "todo-search.db")
     processes.append(start_example("todos.py", "--url", broker.url, "--db", str(tmp_path / "todos.db"), log=log))
     broker.wait_registered("todos")
     for title in ("one", "two"):
         assert run_web(broker.url, "add", title).returncode == 0
 
-    processes.append(start_example("todo_search.py", "--url", broker.url, "--version", "0.0.1", log=log))
+    processes.append(start_example("todo_search.py", "--url", broker.url, "--version", "0.0.1", "--db", search_db, log=log))
     broker.wait_registered("todo-search")
     assert broker.deployment("todo-search", "0.0.1")["state"] == "held"
     held_query = run_web(broker.url, "search", "*", timeout=1)
@@ -72,12 +73,22 @@ def test_deploying_todo_search_fills_it_with_existing_todos(stack, tmp_path):
     assert [s["status"] for s in deployment["steps"]] == ["done", "done"]
     assert [s["attempts"] for s in deployment["steps"]] == [1, 1]
 
+    # The deployment runs once; a restarted todo-search still knows the documents.
+    search = processes[1]
+    search.terminate()
+    search.wait(timeout=10)
+    wait_for(lambda: not any(c["role"] == "todo-search" and c["instances"]
+                             for c in broker.get("/config.json")["clients"]), what="todo-search to deregister")
+    processes[1] = start_example("todo_search.py", "--url", broker.url, "--version", "0.0.1", "--db", search_db, log=log)
+    broker.wait_registered("todo-search")
+    assert titles(run_web(broker.url, "search", "*")) == ["one", "two"]
+
 
 def test_the_script_waits_for_todos_when_its_online_step_starts_before_todos_is_up(stack, tmp_path):
     broker, processes = stack
     broker.start()
     log = tmp_path / "services.log"
-    db = str(tmp_path / "todos.db")
+    db, search_db = str(tmp_path / "todos.db"), str(tmp_path / "todo-search.db")
     todos = start_example("todos.py", "--url", broker.url, "--db", db, log=log)
     processes.append(todos)
     broker.wait_registered("todos")
@@ -88,7 +99,7 @@ def test_the_script_waits_for_todos_when_its_online_step_starts_before_todos_is_
     wait_for(lambda: not any(c["role"] == "todos" and c["instances"] for c in broker.get("/config.json")["clients"]),
              what="todos to deregister")
 
-    processes.append(start_example("todo_search.py", "--url", broker.url, "--version", "0.0.1", log=log))
+    processes.append(start_example("todo_search.py", "--url", broker.url, "--version", "0.0.1", "--db", search_db, log=log))
     processes.append(start_example("todo_search_deployment.py", "--url", broker.url, log=log))
 
     def online_step_running():

@@ -1,4 +1,5 @@
-"""The todo-search service: a small full-text index (SQLite FTS5 in memory).
+"""The todo-search service: a small full-text index (SQLite FTS5, in the
+file --db, so that it survives a restart: its deployment script runs once).
 
 Receives `todo-search.add` ({"id", "title"}) and `todo-search.query`
 ({"text"}); answers `todo-search.added` and `todo-search.results`.
@@ -10,9 +11,9 @@ from common import parse_args, serve_forever
 
 
 def main():
-    args = parse_args(__doc__, "0.0.1")
-    index = sqlite3.connect(":memory:", isolation_level=None)
-    index.execute("CREATE VIRTUAL TABLE docs USING fts5(todo_id UNINDEXED, title)")
+    args = parse_args(__doc__, "0.0.1", lambda p: p.add_argument("--db", default="todo-search.sqlite3"))
+    index = sqlite3.connect(args.db, isolation_level=None)
+    index.execute("CREATE VIRTUAL TABLE IF NOT EXISTS docs USING fts5(todo_id UNINDEXED, title)")
 
     def setup(relay):
         @relay.handler("todo-search.add")
