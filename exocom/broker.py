@@ -372,10 +372,12 @@ class Broker:
     @staticmethod
     def _frame(message: dict, response_time: int | None, now: float) -> dict:
         """What every receiver of `message` gets, but for the name; built once per message."""
+        # Old Exorelay clients end their process on a message without `id`:
+        # a sender that leaves it out must not crash its receivers.
         out = {
             "name": None,
             "sender": "",
-            "id": message.get("id"),
+            "id": message.get("id") or new_id(),
             "activityId": message.get("activityId"),
             "payload": message.get("payload"),
             "timestamp": _fromtimestamp(now, _UTC),

@@ -43,6 +43,15 @@ def test_delivered_frame_fields():
     assert reply["responseTime"] == 250_000_000
 
 
+def test_a_message_without_id_is_delivered_with_one():
+    # The old JavaScript Exorelay ends its process on an incoming message without `id`.
+    h = Harness(ROUTES)
+    web, users = h.connect("web"), h.connect("users")
+    h.frame(web, {"name": "ping", "activityId": "a1"})
+    [got] = h.take(users)
+    assert isinstance(got["id"], str) and got["id"] and got["activityId"] == "a1"
+
+
 def test_affinity_reply_goes_to_asker_and_fails_over():
     h = Harness(ROUTES)
     webs = [h.connect("web") for _ in range(3)]
