@@ -63,6 +63,7 @@ class Broker:
         activity_ttl: float = 60.0,
         max_activities: int = 100_000,
         log_deliveries: bool = False,
+        max_messages_per_second: float = 0.0,
         now: float = 0.0,
     ):
         self.config = config
@@ -74,6 +75,9 @@ class Broker:
         self.authorizations = Generations(activity_ttl, now)  # security: activity -> (message, sender conn)
         self.security_requests = Generations(activity_ttl, now)  # activity -> security's activity
         self.log_deliveries = log_deliveries
+        # Per connection, 0 = unlimited; a bucket holds one second's worth (at least one message).
+        self.max_rate = max_messages_per_second
+        self.rate_burst = max(1.0, max_messages_per_second)
         self.stats = Stats()
         self._suppressing: set[Instance] = set()  # instances with warnings held back
         self.has_security = config.has_security
@@ -117,6 +121,11 @@ class Broker:
 
     def frame_received(self, conn: int, data: str | bytes, now: float) -> list:
         instance = self.registry.by_conn.get(conn)
+        if self.max_rate and instance is not None and not self._take_token(instance, now):
+            # Before decoding: a flood costs as little as possible.
+            return self._refusal(instance, now, "rate_limited",
+                                 f"more than {self.max_rate:g} messages per second from this connection "
+                                 "(--max-messages-per-second); the message is dropped")
         try:
             message = _loads(data)
         except orjson.JSONDecodeError:
@@ -148,6 +157,15 @@ class Broker:
         actions: list = []
         self._route(instance, message, name, now, actions)
         return actions
+
+    def _take_token(self, instance: Instance, now: float) -> bool:
+        tokens = min(self.rate_burst, instance.tokens + (now - instance.tokens_at) * self.max_rate)
+        instance.tokens_at = now
+        if tokens < 1.0:
+            instance.tokens = tokens
+            return False
+        instance.tokens = tokens - 1.0
+        return True
 
     def tick(self, now: float) -> list:
         """Called about once a second: expire memories, enforce step time limits."""

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-frame-bytes", type=int, default=1024 * 1024, help="larger frames close the connection with 1009 (default 1 MiB)")
     serve.add_argument("--max-outbox-bytes", type=int, default=8 * 1024 * 1024,
                        help="a receiver with more unsent bytes is disconnected as a slow consumer (default 8 MiB)")
+    serve.add_argument("--max-messages-per-second", type=float,
+                       default=os.environ.get("EXOCOM_MAX_MESSAGES_PER_SECOND", "0"),
+                       help="per connection; more are refused (code rate_limited) and dropped "
+                            "(default 0: unlimited; env EXOCOM_MAX_MESSAGES_PER_SECOND)")
     serve.add_argument("--step-timeout", type=float, default=300.0, help="time limit of a deployment step in seconds (default 300; per deployment: stepTimeout)")
     serve.add_argument("--grace-period", type=float, default=5.0, help="seconds to wait for connections to close on SIGTERM (default 5)")
 
@@ -134,7 +138,8 @@ def serve(args, environ) -> int:
     except (LedgerError, OSError) as e:
         return fail(f"{e}; pass a writable --state-dir or set EXOCOM_STATE_DIR")
     broker = Broker(config, ledger_records=records, step_timeout=args.step_timeout,
-                    log_deliveries=args.log_level == "debug", now=time.time())
+                    log_deliveries=args.log_level == "debug", max_messages_per_second=args.max_messages_per_second,
+                    now=time.time())
     server = Server(broker, ledger, Limits(args.max_frame_bytes, args.max_outbox_bytes), grace_period=args.grace_period)
 
     listen_error: list[OSError] = []

@@ -11,7 +11,7 @@ LIVE, HELD, FAILED = "live", "held", "failed"
 
 class Instance:
     __slots__ = ("conn", "role", "version", "profile", "peer", "pool", "metric_key",
-                 "warning_window_start", "warnings_logged", "warnings_suppressed")
+                 "warning_window_start", "warnings_logged", "warnings_suppressed", "tokens", "tokens_at")
 
     def __init__(self, conn: int, role: str, version: Version, profile: CompiledProfile, peer: str):
         self.conn = conn
@@ -24,6 +24,8 @@ class Instance:
         self.warning_window_start = float("-inf")
         self.warnings_logged = 0
         self.warnings_suppressed: dict[str, int] | None = None  # event -> count, while held back
+        self.tokens = 0.0  # rate limit bucket; full at the first message
+        self.tokens_at = float("-inf")
 
     @property
     def label(self) -> str:

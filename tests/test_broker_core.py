@@ -138,6 +138,28 @@ def test_a_flood_of_bad_frames_logs_a_burst_of_warnings_then_one_summary_per_win
     assert h.events().count("warnings suppressed") == 1
 
 
+def test_a_connection_above_its_message_rate_is_refused_and_others_are_not():
+    h = Harness(ROUTES, max_messages_per_second=5)
+    web, users = h.connect("web"), h.connect("users")
+    other = h.connect("web")
+    for _ in range(8):  # within one instant: a burst of 5, then refused
+        h.send(web, "ping")
+    assert len(h.take(users)) == 5
+    assert h.broker.stats.refused["rate_limited"] == 3
+    [refused, *_] = [log for log in h.logs if log.event == "message refused"]
+    assert refused.fields["code"] == "rate_limited" and "--max-messages-per-second" in refused.fields["reason"]
+    h.send(other, "ping")  # every connection has a bucket of its own
+    assert len(h.take(users)) == 1
+    h.now += 0.5  # refills 2.5 messages
+    for _ in range(3):
+        h.send(web, "ping")
+    assert len(h.take(users)) == 2
+    h.now += 60  # never more than one second's worth
+    for _ in range(8):
+        h.send(web, "ping")
+    assert len(h.take(users)) == 5
+
+
 def test_registration_refusals():
     h = Harness(ROUTES)
     cases = {

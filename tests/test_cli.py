@@ -361,3 +361,26 @@ async def test_a_second_signal_exits_at_once(tmp_path):
         assert (await exocom.wait_for("second signal: exiting at once"))["signal"] == "SIGINT"
         assert (await exocom.wait_for("broker stopped"))["forced"] is True
         assert "Traceback" not in exocom.output
+
+
+async def test_max_messages_per_second_refuses_a_flood_from_one_connection(tmp_path):
+    port = free_port()
+    env = environment(SERVICE_DATA=json.dumps(ROUTES), PORT=str(port), EXOCOM_MAX_MESSAGES_PER_SECOND="100")
+    async with exocom_serve(tmp_path, "--host", "127.0.0.1", "--max-messages-per-second", "3", env=env) as exocom:
+        await exocom.wait_for("broker listening")
+        url = f"ws://127.0.0.1:{port}/services"
+        async with open_websocket_url(url) as ws_web, open_websocket_url(url) as ws_users:
+            web, users = Service(ws_web, "web"), Service(ws_users, "users")
+            await web.register()
+            await users.register()
+            await wait_config(port, lambda c: len(c["clients"]) == 2)
+            for _ in range(20):
+                await web.send("users create")
+            refused = await exocom.wait_for("message refused")
+            assert refused["code"] == "rate_limited" and refused["role"] == "web"
+            got = 0
+            with trio.move_on_after(0.5):
+                while True:
+                    await users.receive()
+                    got += 1
+            assert 3 <= got < 10, f"{got} of 20 got through a limit of 3 per second (the flag wins over the env)"
