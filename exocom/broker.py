@@ -348,14 +348,14 @@ class Broker:
                 continue
             self._deliver(sender, target, message, public, activity, frame, encoded, actions)
         if missed is not None:
-            # Nobody got it: a warning. Some roles got it: the others are a detail.
+            # Nobody got it: a warning. Some roles got it: info, still with why.
             fields = {"sender": sender.role, "name": public, "activity_id": activity_id, "missed": missed}
             if len(missed) == len(roles):
                 self.stats.undeliverable[public] += 1
                 actions.extend(self._warning(sender, now, "message undeliverable", fields))
             else:
                 # Contract 3.2: a role that misses it (e.g. no version satisfies
-                # the requirement) is logged with why.
+                # the requirement) is logged, at the default level.
                 actions.extend(self._warning(sender, now, "message undeliverable", fields, level="info"))
 
     def _choose(self, role: str, public: str, activity: dict | None,
