@@ -12,6 +12,9 @@ from __future__ import annotations
 
 TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 _CONTINUATION = 0x0
+# Fragments of one message, at most: the size limit bounds the bytes, this
+# bounds the work (a peer could send empty continuation frames forever).
+MAX_FRAGMENTS = 4096
 _from_bytes = int.from_bytes
 
 
@@ -67,13 +70,13 @@ def close_frame(code: int, reason: str = "") -> bytes:
 class FrameDecoder:
     """Feed bytes, get complete messages and control frames as (opcode, payload)."""
 
-    __slots__ = ("max_message", "_buffer", "_parts", "_parts_size", "_message_opcode")
+    __slots__ = ("max_message", "_buffer", "_parts", "_fragments", "_message_opcode")
 
     def __init__(self, max_message: int):
         self.max_message = max_message
         self._buffer = bytearray()
-        self._parts: list[bytes] = []
-        self._parts_size = 0
+        self._parts = bytearray()  # the fragments so far, joined: memory stays within max_message
+        self._fragments = 0
         self._message_opcode = 0
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
@@ -105,7 +108,7 @@ class FrameDecoder:
             if opcode >= 0x8:
                 if length > 125 or not b0 & 0x80:
                     raise ProtocolError(1002, "control frames must be final and at most 125 bytes")
-            elif length + self._parts_size > self.max_message:
+            elif length + len(self._parts) > self.max_message:
                 raise ProtocolError(1009, f"message larger than {self.max_message} bytes")
             end = i + header + length
             if end > size:
@@ -129,13 +132,15 @@ class FrameDecoder:
                 self._message_opcode = opcode
             else:
                 raise ProtocolError(1002, f"unknown opcode {opcode}")
-            self._parts.append(payload)
-            self._parts_size += length
+            self._parts += payload
+            self._fragments += 1
             if b0 & 0x80:
-                out.append((self._message_opcode, b"".join(self._parts)))
-                self._parts = []
-                self._parts_size = 0
+                out.append((self._message_opcode, bytes(self._parts)))
+                self._parts = bytearray()
+                self._fragments = 0
                 self._message_opcode = 0
+            elif self._fragments >= MAX_FRAGMENTS:
+                raise ProtocolError(1008, f"more than {MAX_FRAGMENTS} fragments in one message")
         if i:
             del buffer[:i]
         return out

@@ -370,7 +370,12 @@ class Server:
                         if peer.closing:
                             return
                     elif opcode == PING:
-                        peer.push(frame(PONG, payload))
+                        pong = frame(PONG, payload)
+                        if peer.outbox_bytes + len(pong) > self.limits.max_outbox_bytes:
+                            # Pings sent faster than their pongs are read: as any slow reader.
+                            self._drop_slow_consumer(peer)
+                            return
+                        peer.push(pong)
                     elif opcode == CLOSE:
                         code, _ = parse_close(payload)
                         # Echo the peer's close code, as RFC 6455 asks.

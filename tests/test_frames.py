@@ -5,7 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol
 
-from exocom.frames import BINARY, CLOSE, PING, TEXT, FrameDecoder, ProtocolError, close_frame, parse_close
+from exocom.frames import (BINARY, CLOSE, MAX_FRAGMENTS, PING, TEXT, FrameDecoder, ProtocolError, close_frame,
+                           parse_close)
 
 
 def client_frames(messages, fragment_size):
@@ -27,7 +28,8 @@ message = st.one_of(
 )
 
 
-@given(st.lists(message, max_size=6), st.integers(1, 80_000), st.lists(st.integers(1, 9000), min_size=1, max_size=20))
+# Fragments of at least 20 bytes: a 70,000-byte message stays within MAX_FRAGMENTS.
+@given(st.lists(message, max_size=6), st.integers(20, 80_000), st.lists(st.integers(1, 9000), min_size=1, max_size=20))
 def test_round_trip_with_any_fragmentation_and_chunking(messages, fragment_size, chunk_sizes):
     wire = client_frames(messages, fragment_size)
     decoder = FrameDecoder(max_message=1 << 20)
@@ -63,6 +65,18 @@ def test_fragmented_message_over_limit():
     with pytest.raises(ProtocolError) as e:
         FrameDecoder(max_message=4096).feed(wire)
     assert e.value.code == 1009
+
+
+def test_a_message_of_endless_empty_fragments_is_closed_with_1008():
+    proto = FrameProtocol(client=True, extensions=[])
+    decoder = FrameDecoder(max_message=4096)
+    decoder.feed(proto.send_data(b"x", fin=False))
+    empty = proto.send_data(b"", fin=False)  # a continuation frame
+    for _ in range(MAX_FRAGMENTS - 2):
+        assert decoder.feed(empty) == []
+    with pytest.raises(ProtocolError) as e:
+        decoder.feed(empty)
+    assert e.value.code == 1008
 
 
 def test_unmasked_client_frame_is_a_protocol_error():

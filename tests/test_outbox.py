@@ -3,6 +3,7 @@ stream whose other end never reads (deterministic, unlike kernel buffers)."""
 
 import trio
 import trio.testing
+from wsproto.frame_protocol import FrameProtocol
 
 from exocom.actions import Deliver
 from exocom.broker import Broker
@@ -33,3 +34,24 @@ async def test_the_outbox_limit_counts_what_the_writer_is_still_sending():
     # 3 x 302 bytes fit in 1000, in flight and queued together; a fourth does not.
     assert accepted == 3
     assert broker.stats.slow_consumers == 1
+
+
+async def test_pings_whose_pongs_are_never_read_count_against_the_outbox():
+    broker = Broker(parse_service_data({"sink": {}}, "test"))
+    server = Server(broker, None, Limits(max_outbox_bytes=LIMIT), handle_signals=False)
+    ours, theirs = trio.testing.lockstep_stream_pair()
+    peer = Peer(1, "test", ours)
+    server.peers[1] = peer
+    ping = FrameProtocol(client=True, extensions=[]).ping(b"p" * 125)  # a pong of 127 bytes
+    sent = 0
+    async with trio.open_nursery() as nursery:
+        peer.cancel_scope = nursery.cancel_scope
+        nursery.start_soon(server._writer, peer)
+        nursery.start_soon(server._reader, peer, b"")
+        with trio.fail_after(5):
+            while not peer.closing:
+                await theirs.send_all(ping)  # `theirs` sends pings and never reads a pong
+                sent += 1
+                await trio.testing.wait_all_tasks_blocked()
+    assert broker.stats.slow_consumers == 1
+    assert sent <= LIMIT // 127 + 2, f"{sent} pings were answered into an outbox of {LIMIT} bytes"
