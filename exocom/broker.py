@@ -39,6 +39,9 @@ SECURITY_ROLE = "security"
 # many warning events per window; the rest is counted and summed up once.
 WARNING_BURST = 10
 WARNING_WINDOW = 10.0
+# A WebSocket that has not registered by then is closed (4000): an idle
+# unregistered connection only holds a file descriptor.
+REGISTRATION_TIMEOUT = 10.0
 _dumps = orjson.dumps
 _loads = orjson.loads
 _OPT = orjson.OPT_UTC_Z
@@ -47,6 +50,22 @@ _fromtimestamp = datetime.fromtimestamp
 # Fields of an incoming message that are passed through to receivers as they are.
 _PASS_THROUGH = ("auth", "isSecurity", "responseTo")
 _SECURITY_ANSWERS = frozenset(("message authorized", "message unauthorized", "security request"))
+
+
+def _describe(value: Any) -> str:
+    """A client's value in a log line: strings quoted and cut short, anything
+    else by its type (a deeply nested list has no printable repr)."""
+    if value.__class__ is str:
+        return repr(value if len(value) <= 100 else value[:100] + "...")
+    return f"of type {type(value).__name__}"
+
+
+def _reason_text(reason: Any) -> str:
+    if reason is None:
+        return "the deployment script reported failure"
+    if reason.__class__ is str:
+        return reason[:2000]
+    return f"the deployment script reported failure (a reason {_describe(reason)})"
 
 
 def new_id() -> str:
@@ -70,6 +89,7 @@ class Broker:
         self.table = RoutingTable(config)
         self.registry = Registry()
         self.pending: dict[int, str] = {}  # connected, not yet registered: conn -> peer
+        self.pending_since: dict[int, float] = {}  # same keys, in the order they connected
         self.activities = Generations(activity_ttl, now, max_activities)
         self.commands = Generations(activity_ttl, now, max_activities)  # message id -> sender conn
         self.authorizations = Generations(activity_ttl, now)  # security: activity -> (message, sender conn)
@@ -95,12 +115,14 @@ class Broker:
 
     # ------------------------------------------------------------------ events
 
-    def connected(self, conn: int, peer: str) -> list:
+    def connected(self, conn: int, peer: str, now: float = 0.0) -> list:
         self.pending[conn] = peer
+        self.pending_since[conn] = now
         return []
 
     def disconnected(self, conn: int, now: float) -> list:
         if self.pending.pop(conn, None) is not None:
+            del self.pending_since[conn]
             return []
         instance = self.registry.remove(conn)
         if instance is None:
@@ -144,19 +166,25 @@ class Broker:
             ]
         sender = message.get("sender")
         if sender is not None and sender != instance.role:
-            return self._refusal(instance, now, "spoofed_sender", f"sender {sender!r} is not the role this connection registered as", name=name)
+            return self._refusal(instance, now, "spoofed_sender", f"sender {_describe(sender)} is not the role this connection registered as", name=name)
         if name in self.handshake_answers:
             return self._handshake_answer(instance, message, name, now)
         if self.has_security and instance.role == SECURITY_ROLE and name in _SECURITY_ANSWERS:
             # The security service needs no sends of its own for the adapter's messages.
             return self._security(instance, message, name, now)
         if name not in instance.profile.sends:
-            return self._refusal(instance, now, "not_allowed", f"role {instance.role!r} is not allowed to send {name!r} (not in its sends)", name=name)
-        if self.has_security:
-            return self._security(instance, message, name, now)
-        actions: list = []
-        self._route(instance, message, name, now, actions)
-        return actions
+            return self._refusal(instance, now, "not_allowed", f"role {instance.role!r} is not allowed to send {_describe(name)} (not in its sends)", name=name)
+        try:
+            if self.has_security:
+                return self._security(instance, message, name, now)
+            actions: list = []
+            self._route(instance, message, name, now, actions)
+            return actions
+        except orjson.JSONEncodeError as e:
+            # orjson reads 1024 levels of nesting but writes only 254: refuse
+            # what cannot be forwarded (nothing was delivered yet: every
+            # receiver's frame is encoded before the first delivery).
+            return self._refusal(instance, now, "not_forwardable", f"the message cannot be forwarded: {e}", name=name)
 
     def _take_token(self, instance: Instance, now: float) -> bool:
         tokens = min(self.rate_burst, instance.tokens + (now - instance.tokens_at) * self.max_rate)
@@ -172,6 +200,19 @@ class Broker:
         for generations in (self.activities, self.commands, self.authorizations, self.security_requests):
             generations.rotate_if_due(now)
         actions: list = []
+        expired = []
+        for conn, since in self.pending_since.items():
+            if now - since < REGISTRATION_TIMEOUT:
+                break  # the others connected later
+            expired.append(conn)
+        for conn in expired:
+            peer = self.pending.pop(conn)
+            del self.pending_since[conn]
+            self.stats.registrations_refused[CLOSE_NOT_REGISTERED] += 1
+            reason = f"no registration within {REGISTRATION_TIMEOUT:g}s of connecting"
+            actions.append(Log("warning", "registration refused",
+                               {"peer": peer, "conn": conn, "code": CLOSE_NOT_REGISTERED, "reason": reason}))
+            actions.append(Close(conn, CLOSE_NOT_REGISTERED, reason))
         if self._suppressing:
             for instance in [i for i in self._suppressing if now - i.warning_window_start >= WARNING_WINDOW]:
                 actions.append(self._suppressed_warnings(instance))
@@ -240,6 +281,7 @@ class Broker:
 
         def refuse(code: int, reason: str) -> list:
             self.pending.pop(conn, None)
+            self.pending_since.pop(conn, None)
             self.stats.registrations_refused[code] += 1
             return [Log("warning", "registration refused", {"peer": peer, "conn": conn, "code": code, "reason": reason}),
                     Close(conn, code, reason)]
@@ -251,7 +293,7 @@ class Broker:
             return refuse(CLOSE_BAD_REGISTRATION, "the registration needs the role as a string 'sender'")
         routes = self.table.roles.get(role)
         if routes is None:
-            return refuse(CLOSE_UNKNOWN_ROLE, f"role {role!r} is not in the routing configuration")
+            return refuse(CLOSE_UNKNOWN_ROLE, f"role {_describe(role)} is not in the routing configuration")
         payload = message.get("payload")
         raw_version = payload.get("version") if isinstance(payload, dict) else None
         if raw_version is None:
@@ -262,6 +304,7 @@ class Broker:
             except InvalidVersion as e:
                 return refuse(CLOSE_BAD_VERSION, f"invalid version: {e}")
         self.pending.pop(conn, None)
+        self.pending_since.pop(conn, None)
         # By version equality, not text: 0.0.1+build7 is 0.0.1 (build metadata
         # does not count) and joins its pool, so it is held like 0.0.1.
         d = next((d for d in self.deployments.values() if d.target.role == role and d.target.version == version), None)
@@ -473,6 +516,8 @@ class Broker:
         authorizes every message before it is routed."""
         actions: list = []
         activity_id = message.get("activityId")
+        if activity_id.__class__ is not str:
+            activity_id = None  # keys of the adapter's memories are strings (a list is not even hashable)
         if instance.role == SECURITY_ROLE:
             if name in ("message authorized", "message unauthorized"):
                 pending = self.authorizations.get(activity_id)
@@ -497,8 +542,9 @@ class Broker:
                 if not isinstance(request, dict) or not isinstance(request.get("name"), str):
                     actions.extend(self._refusal(instance, now, "bad_security_request", "'security request' needs a message object as payload", name=name))
                     return actions
-                request.setdefault("id", new_id())
-                request.setdefault("activityId", new_id())
+                for key in ("id", "activityId"):
+                    if request.get(key).__class__ is not str:
+                        request[key] = new_id()
                 request["isSecurity"] = True
                 self.security_requests.put(request["activityId"], activity_id)
                 self._route(instance, request, request["name"], now, actions, public=request["name"])
@@ -561,7 +607,7 @@ class Broker:
             payload = message.get("payload")
             reason = payload.get("reason") if isinstance(payload, dict) else None
             self._write(d, d.record(dep.STEP_FAILED_EVENT, step, now,
-                                    error=str(reason) if reason is not None else "the deployment script reported failure"), actions)
+                                    error=_reason_text(reason)), actions)
         return actions
 
     def _advance(self, d: dep.Deployment, now: float, actions: list) -> None:

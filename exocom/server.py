@@ -264,17 +264,22 @@ class Server:
         path = target.split("?", 1)[0]
         headers = {k.lower(): v for k, v in request.headers}
         if path == "/services" and headers.get(b"upgrade", b"").lower() == b"websocket":
-            if http.next_event() is h11.PAUSED:
-                leftover = http.trailing_data[0]
-            else:
-                leftover = b""
+            # h11 gives the request's end first, then pauses at the protocol
+            # switch; what it read past the request (frames a client sent
+            # without waiting for the 101) is the WebSocket's first bytes.
+            event = http.next_event()
+            if isinstance(event, h11.EndOfMessage):
+                event = http.next_event()
+            leftover = http.trailing_data[0] if event is h11.PAUSED else b""
             await self._websocket(stream, http, address, request, leftover)
             return
-        if request.method == b"GET" and path == "/readyz":
+        # HEAD (health checkers use it) answers as GET, without the body.
+        method = b"GET" if request.method == b"HEAD" else request.method
+        if method == b"GET" and path == "/readyz":
             status, body = await readiness(self)  # async: checks the ledger on a worker thread
         else:
-            status, body = self._http_endpoint(request.method, path)
-        await self._respond(stream, http, status, body)
+            status, body = self._http_endpoint(method, path)
+        await self._respond(stream, http, status, body, with_body=request.method != b"HEAD")
 
     def _http_endpoint(self, method: bytes, path: str) -> tuple[int, Any]:
         if method == b"GET" and path == "/config.json":
@@ -298,14 +303,16 @@ class Server:
         return 400, {"error": f"no endpoint {method.decode('latin-1')} {path}; "
                               "services connect with a WebSocket to /services"}
 
-    async def _respond(self, stream, http: h11.Connection, status: int, body: Any) -> None:
+    async def _respond(self, stream, http: h11.Connection, status: int, body: Any, with_body: bool = True) -> None:
         if isinstance(body, str):  # the Prometheus text format
             data, content_type = body.encode(), "text/plain; version=0.0.4; charset=utf-8"
         else:
             data, content_type = orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n", "application/json"
         out = http.send(h11.Response(status_code=status, headers=[
             ("content-type", content_type), ("content-length", str(len(data))), ("connection", "close")]))
-        out += http.send(h11.Data(data=data)) + http.send(h11.EndOfMessage())
+        if with_body:
+            out += http.send(h11.Data(data=data))
+        out += http.send(h11.EndOfMessage())
         await stream.send_all(out)
 
     # --------------------------------------------------------------- per peer
@@ -325,7 +332,7 @@ class Server:
         conn_id = next(self._ids)
         peer = Peer(conn_id, address, stream)
         self.peers[conn_id] = peer
-        self.execute(self.broker.connected(conn_id, address))
+        self.execute(self.broker.connected(conn_id, address, time.time()))
         try:
             async with trio.open_nursery() as nursery:
                 peer.cancel_scope = nursery.cancel_scope

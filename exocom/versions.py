@@ -10,16 +10,25 @@ from __future__ import annotations
 import re
 from functools import total_ordering
 
+# ASCII digits only, and the whole string (fullmatch: no trailing newline).
+# 64 characters per number is far beyond any real version and keeps int() cheap.
 _SEMVER = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*))*))?"
-    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?$"
+    r"(0|[1-9][0-9]{0,63})\.(0|[1-9][0-9]{0,63})\.(0|[1-9][0-9]{0,63})"
+    r"(?:-((?:0|[1-9][0-9]{0,63}|[0-9]*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9][0-9]{0,63}|[0-9]*[A-Za-z-][0-9A-Za-z-]*))*))?"
+    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?"
 )
-_REQUIREMENT = re.compile(r"^(0|[1-9]\d*)(?:\.(0|[1-9]\d*))?(?:\.(0|[1-9]\d*))?$")
+_REQUIREMENT = re.compile(r"(0|[1-9][0-9]{0,63})(?:\.(0|[1-9][0-9]{0,63}))?(?:\.(0|[1-9][0-9]{0,63}))?")
 
 
 class InvalidVersion(ValueError):
     pass
+
+
+def _shown(value: object) -> str:
+    # A client's value in an error message: never huge, never a deep repr.
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:60] + "...")
+    return f"a value of type {type(value).__name__}"
 
 
 @total_ordering
@@ -29,9 +38,9 @@ class Version:
     __slots__ = ("major", "minor", "patch", "prerelease", "text", "_key")
 
     def __init__(self, text: str):
-        match = _SEMVER.match(text) if isinstance(text, str) else None
+        match = _SEMVER.fullmatch(text) if isinstance(text, str) and len(text) <= 256 else None
         if match is None:
-            raise InvalidVersion(f"{text!r} is not a semantic version (MAJOR.MINOR.PATCH, e.g. 1.4.0)")
+            raise InvalidVersion(f"{_shown(text)} is not a semantic version (MAJOR.MINOR.PATCH, e.g. 1.4.0)")
         self.text = text
         self.major, self.minor, self.patch = (int(match.group(i)) for i in (1, 2, 3))
         self.prerelease = tuple(match.group(4).split(".")) if match.group(4) else ()
@@ -72,10 +81,10 @@ class Requirement:
     __slots__ = ("parts", "text")
 
     def __init__(self, text: str):
-        match = _REQUIREMENT.match(text) if isinstance(text, str) else None
+        match = _REQUIREMENT.fullmatch(text) if isinstance(text, str) and len(text) <= 256 else None
         if match is None:
             raise InvalidRequirement(
-                f"version requirement {text!r} must look like \"2\", \"2.1\" or \"2.1.3\""
+                f"version requirement {_shown(text)} must look like \"2\", \"2.1\" or \"2.1.3\""
             )
         self.text = text
         self.parts = tuple(int(g) for g in match.groups() if g is not None)

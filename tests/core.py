@@ -47,7 +47,7 @@ class Harness:
 
     def connect(self, role: str | None = None, version: str | None = None, payload: Any = None) -> int:
         conn = next(self._ids)
-        self.run(self.broker.connected(conn, f"peer{conn}"))
+        self.run(self.broker.connected(conn, f"peer{conn}", self.now))
         if role is not None:
             self.register(conn, role, version, payload)
         return conn

@@ -160,6 +160,57 @@ def test_a_connection_above_its_message_rate_is_refused_and_others_are_not():
     assert len(h.take(users)) == 5
 
 
+def nested(depth: int) -> str:
+    """JSON text of lists nested `depth` deep (json.dumps itself would recurse too deep)."""
+    return "[" * depth + "]" * depth
+
+
+def test_hostile_values_are_refused_not_raised():
+    h = Harness({**ROUTES, "security": {}, "users-2-deployment": {"deploys": "users@2.0.0"}})
+    web, users, security = h.connect("web"), h.connect("users"), h.connect("security")
+    h.frame(web, '{"name": "ping", "payload": %s}' % nested(1000))  # deeper than orjson writes
+    h.frame(web, '{"name": "ping", "sender": %s}' % nested(1000))
+    h.frame(web, {"name": "x" * 1_000_000})
+    h.frame(web, {"name": "ping", "version": "9" * 5000})
+    h.frame(web, {"name": "ping", "activityId": [1, 2]})  # unhashable, with the security adapter on
+    h.frame(security, {"name": "message authorized", "activityId": {"a": 1}})
+    h.frame(security, {"name": "security request", "payload": {"name": "ping", "activityId": [1]}})
+    codes = [log.fields["code"] for log in h.logs if log.event == "message refused"]
+    # (with a security role, a version requirement is checked once the message is authorized)
+    assert codes == ["not_forwardable", "spoofed_sender", "not_allowed", "unknown_authorization"]
+    plain = Harness(ROUTES)
+    plain_web = plain.connect("web")
+    plain.frame(plain_web, {"name": "ping", "version": "9" * 5000})
+    assert [log.fields["code"] for log in plain.logs if log.event == "message refused"] == ["bad_version_requirement"]
+    assert all(len(log.fields["reason"]) < 300 for log in h.logs if log.event == "message refused")
+    refused = h.connect()
+    h.register(refused, "users", payload={"version": "1" * 5000 + ".0.0"})
+    assert h.closed[refused][0] == CLOSE_BAD_VERSION
+    # A deployment script's failure reason of any shape is recorded, shortened.
+    v2, script = h.connect("users", "2.0.0"), h.connect("users-2-deployment")
+    [start] = h.take(script)
+    h.frame(script, '{"name": "deployment-users-2.0.0-offline-failed", "activityId": "%s", "payload": {"reason": %s}}'
+            % (start["activityId"], nested(1000)))
+    [failed] = [r for r in h.ledger if r["event"] == "failed"]
+    assert "of type list" in failed["error"]
+
+
+def test_a_connection_that_does_not_register_in_time_is_closed_with_4000():
+    h = Harness(ROUTES)
+    early = h.connect()
+    h.tick(6)
+    late, registered = h.connect(), h.connect("web")
+    h.tick(4)
+    assert h.closed == {early: (CLOSE_NOT_REGISTERED, "no registration within 10s of connecting")}
+    [refused] = [log for log in h.logs if log.event == "registration refused"]
+    assert refused.fields["conn"] == early and h.broker.stats.registrations_refused[CLOSE_NOT_REGISTERED] == 1
+    h.tick(6)
+    assert set(h.closed) == {early, late}  # a registered connection may idle as long as it likes
+    h.disconnect(early)
+    h.disconnect(late)
+    assert not h.broker.pending and not h.broker.pending_since
+
+
 def test_registration_refusals():
     h = Harness(ROUTES)
     cases = {

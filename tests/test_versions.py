@@ -12,7 +12,8 @@ def test_semver_precedence():
     assert sorted(reversed(versions)) == versions
 
 
-@pytest.mark.parametrize("text", ["banana", "1", "1.2", "01.2.3", "1.2.3.4", "", "v1.2.3", "1.2.3-"])
+@pytest.mark.parametrize("text", ["banana", "1", "1.2", "01.2.3", "1.2.3.4", "", "v1.2.3", "1.2.3-",
+                                  "1.0.0\n", "\u0661.0.0", "1.0.0-" + "1" * 5000, "9" * 5000 + ".0.0", ["1.0.0"], 5])
 def test_invalid_versions(text):
     with pytest.raises(InvalidVersion):
         Version(text)
@@ -26,7 +27,7 @@ def test_requirements():
     assert Requirement("2.1.3").matches(Version("2.1.3"))
     assert not Requirement("2.1.3").matches(Version("2.1.3-rc.1"))
     assert not Requirement("2.1.3").matches(Version("2.1.4"))
-    for bad in ("x", "2.", "^2", "2.1.3.4", 2):
+    for bad in ("x", "2.", "^2", "2.1.3.4", 2, "2\n", "\u0662", "9" * 5000, [[[]]]):
         with pytest.raises(InvalidRequirement):
             Requirement(bad)
 
