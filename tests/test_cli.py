@@ -317,47 +317,42 @@ async def test_sigterm_closes_connections_and_exits_0(tmp_path):
         assert "Traceback" not in exocom.output
 
 
-async def deaf_client(port: int) -> RawClient:
-    """Registered, then never reads again: it never answers the close frame."""
-    client = await RawClient.connect(port)
-    await client.send_json({"name": "exocom.register-service", "sender": "web", "id": "r1"})
-    await wait_config(port, lambda c: [x["role"] for x in c["clients"]] == ["web"])
-    return client
+@asynccontextmanager
+async def serving_a_deaf_client(tmp_path: Path, grace_period: str):
+    """`exocom serve` with a registered client that never reads again: it
+    never answers the close frame."""
+    port = free_port()
+    env = environment(SERVICE_DATA=json.dumps(ROUTES), PORT=str(port))
+    async with exocom_serve(tmp_path, "--host", "127.0.0.1", "--grace-period", grace_period, env=env) as exocom:
+        await exocom.wait_for("broker listening")
+        client = await RawClient.connect(port)
+        try:
+            await client.send_json({"name": "exocom.register-service", "sender": "web", "id": "r1"})
+            await wait_config(port, lambda c: [x["role"] for x in c["clients"]] == ["web"])
+            yield exocom
+        finally:
+            await client.aclose()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_a_client_that_never_closes_is_dropped_after_the_grace_period_and_exit_is_0(tmp_path, sig):
-    port = free_port()
-    env = environment(SERVICE_DATA=json.dumps(ROUTES), PORT=str(port))
-    async with exocom_serve(tmp_path, "--host", "127.0.0.1", "--grace-period", "1", env=env) as exocom:
-        await exocom.wait_for("broker listening")
-        client = await deaf_client(port)
-        try:
-            exocom.process.send_signal(sig)
-            started = trio.current_time()
-            assert await exocom.wait_exit(timeout=10) == 0, exocom.output
-            assert 0.9 <= trio.current_time() - started < 5, "the grace period is 1 s"
-        finally:
-            await client.aclose()
+    async with serving_a_deaf_client(tmp_path, "1") as exocom:
+        exocom.process.send_signal(sig)
+        started = trio.current_time()
+        assert await exocom.wait_exit(timeout=10) == 0, exocom.output
+        assert 0.9 <= trio.current_time() - started < 5, "the grace period is 1 s"
         assert (await exocom.wait_for("broker stopping"))["signal"] == sig.name
         await exocom.wait_for("broker stopped")
 
 
 async def test_a_second_signal_exits_at_once(tmp_path):
-    port = free_port()
-    env = environment(SERVICE_DATA=json.dumps(ROUTES), PORT=str(port))
-    async with exocom_serve(tmp_path, "--host", "127.0.0.1", "--grace-period", "60", env=env) as exocom:
-        await exocom.wait_for("broker listening")
-        client = await deaf_client(port)
-        try:
-            exocom.process.send_signal(signal.SIGTERM)
-            await exocom.wait_for("broker stopping")
-            exocom.process.send_signal(signal.SIGINT)
-            started = trio.current_time()
-            assert await exocom.wait_exit(timeout=10) == 1, exocom.output
-            assert trio.current_time() - started < 3
-        finally:
-            await client.aclose()
+    async with serving_a_deaf_client(tmp_path, "60") as exocom:
+        exocom.process.send_signal(signal.SIGTERM)
+        await exocom.wait_for("broker stopping")
+        exocom.process.send_signal(signal.SIGINT)
+        started = trio.current_time()
+        assert await exocom.wait_exit(timeout=10) == 1, exocom.output
+        assert trio.current_time() - started < 3
         assert (await exocom.wait_for("second signal: exiting at once"))["signal"] == "SIGINT"
         assert (await exocom.wait_for("broker stopped"))["forced"] is True
         assert "Traceback" not in exocom.output
