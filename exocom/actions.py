@@ -6,6 +6,15 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 
+def shown(value: Any) -> str:
+    """A client's value inside a log reason or an error: strings quoted and
+    cut short, anything else by its type (a list nested 1000 deep has no
+    printable repr, a 1 MB name no place in a log line)."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= 100 else value[:100] + "...")
+    return f"a value of type {type(value).__name__}"
+
+
 class Deliver(NamedTuple):
     """Send one encoded JSON text frame to a connection."""
 

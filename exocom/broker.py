@@ -25,6 +25,7 @@ from .actions import (
     Deliver,
     Log,
     WriteRecord,
+    shown,
 )
 from .activities import LAST_SEEN, Generations, new_activity
 from .config import Config
@@ -52,20 +53,12 @@ _PASS_THROUGH = ("auth", "isSecurity", "responseTo")
 _SECURITY_ANSWERS = frozenset(("message authorized", "message unauthorized", "security request"))
 
 
-def _describe(value: Any) -> str:
-    """A client's value in a log line: strings quoted and cut short, anything
-    else by its type (a deeply nested list has no printable repr)."""
-    if value.__class__ is str:
-        return repr(value if len(value) <= 100 else value[:100] + "...")
-    return f"of type {type(value).__name__}"
-
-
 def _reason_text(reason: Any) -> str:
     if reason is None:
         return "the deployment script reported failure"
     if reason.__class__ is str:
         return reason[:2000]
-    return f"the deployment script reported failure (a reason {_describe(reason)})"
+    return f"the deployment script reported failure, with a reason that is {shown(reason)}"
 
 
 def new_id() -> str:
@@ -88,8 +81,8 @@ class Broker:
         self.config = config
         self.table = RoutingTable(config)
         self.registry = Registry()
-        self.pending: dict[int, str] = {}  # connected, not yet registered: conn -> peer
-        self.pending_since: dict[int, float] = {}  # same keys, in the order they connected
+        # Connected, not yet registered: conn -> (peer, connected at), oldest first.
+        self.pending: dict[int, tuple[str, float]] = {}
         self.activities = Generations(activity_ttl, now, max_activities)
         self.commands = Generations(activity_ttl, now, max_activities)  # message id -> sender conn
         self.authorizations = Generations(activity_ttl, now)  # security: activity -> (message, sender conn)
@@ -101,12 +94,12 @@ class Broker:
         self.stats = Stats()
         self._suppressing: set[Instance] = set()  # instances with warnings held back
         self.has_security = config.has_security
-        self.deployments: dict[tuple[str, str], dep.Deployment] = {}
+        self.deployments: dict[dep.Key, dep.Deployment] = {}
         self.deployment_by_script: dict[str, dep.Deployment] = {}
         self.handshake_answers: dict[str, tuple[dep.Deployment, str, str]] = {}
         for script_role, target, timeout in config.deployments():
             d = dep.Deployment(target, script_role, timeout or step_timeout)
-            self.deployments[(target.role, str(target.version))] = d
+            self.deployments[dep.key(target.role, target.version)] = d
             self.deployment_by_script[script_role] = d
             for step in dep.STEPS:
                 for outcome in ("done", "failed"):
@@ -116,13 +109,11 @@ class Broker:
     # ------------------------------------------------------------------ events
 
     def connected(self, conn: int, peer: str, now: float = 0.0) -> list:
-        self.pending[conn] = peer
-        self.pending_since[conn] = now
+        self.pending[conn] = (peer, now)
         return []
 
     def disconnected(self, conn: int, now: float) -> list:
         if self.pending.pop(conn, None) is not None:
-            del self.pending_since[conn]
             return []
         instance = self.registry.remove(conn)
         if instance is None:
@@ -166,14 +157,14 @@ class Broker:
             ]
         sender = message.get("sender")
         if sender is not None and sender != instance.role:
-            return self._refusal(instance, now, "spoofed_sender", f"sender {_describe(sender)} is not the role this connection registered as", name=name)
+            return self._refusal(instance, now, "spoofed_sender", f"sender {shown(sender)} is not the role this connection registered as", name=name)
         if name in self.handshake_answers:
             return self._handshake_answer(instance, message, name, now)
         if self.has_security and instance.role == SECURITY_ROLE and name in _SECURITY_ANSWERS:
             # The security service needs no sends of its own for the adapter's messages.
             return self._security(instance, message, name, now)
         if name not in instance.profile.sends:
-            return self._refusal(instance, now, "not_allowed", f"role {instance.role!r} is not allowed to send {_describe(name)} (not in its sends)", name=name)
+            return self._refusal(instance, now, "not_allowed", f"role {instance.role!r} is not allowed to send {shown(name)} (not in its sends)", name=name)
         try:
             if self.has_security:
                 return self._security(instance, message, name, now)
@@ -200,19 +191,12 @@ class Broker:
         for generations in (self.activities, self.commands, self.authorizations, self.security_requests):
             generations.rotate_if_due(now)
         actions: list = []
-        expired = []
-        for conn, since in self.pending_since.items():
+        while self.pending:
+            conn, (_, since) = next(iter(self.pending.items()))
             if now - since < REGISTRATION_TIMEOUT:
                 break  # the others connected later
-            expired.append(conn)
-        for conn in expired:
-            peer = self.pending.pop(conn)
-            del self.pending_since[conn]
-            self.stats.registrations_refused[CLOSE_NOT_REGISTERED] += 1
-            reason = f"no registration within {REGISTRATION_TIMEOUT:g}s of connecting"
-            actions.append(Log("warning", "registration refused",
-                               {"peer": peer, "conn": conn, "code": CLOSE_NOT_REGISTERED, "reason": reason}))
-            actions.append(Close(conn, CLOSE_NOT_REGISTERED, reason))
+            actions += self._refuse_registration(conn, CLOSE_NOT_REGISTERED,
+                                                 f"no registration within {REGISTRATION_TIMEOUT:g}s of connecting")
         if self._suppressing:
             for instance in [i for i in self._suppressing if now - i.warning_window_start >= WARNING_WINDOW]:
                 actions.append(self._suppressed_warnings(instance))
@@ -226,7 +210,7 @@ class Broker:
 
     def record_written(self, record: dict[str, Any], now: float) -> list:
         """The ledger made `record` durable: now act on it."""
-        d = self.deployments.get((record["role"], record["version"]))
+        d = self.deployment(record["role"], record["version"])
         if d is None:
             return []
         d.writing = None
@@ -252,9 +236,12 @@ class Broker:
         self._advance(d, now, actions)
         return actions
 
+    def deployment(self, role: str, version: str | Version) -> dep.Deployment | None:
+        return self.deployments.get(dep.key(role, version))
+
     def retry(self, role: str, version: str, now: float) -> list:
         """Re-arm the failed steps of a deployment (operator action)."""
-        d = self.deployments.get((role, version))
+        d = self.deployment(role, version)
         if d is None:
             raise KeyError(f"no deployment of {role}@{version} is configured")
         failed = [s.name for s in d.steps.values() if s.status == dep.STEP_FAILED]
@@ -277,23 +264,14 @@ class Broker:
     # ------------------------------------------------------------ registration
 
     def _register(self, conn: int, message: Any, now: float) -> list:
-        peer = self.pending.get(conn, "?")
-
-        def refuse(code: int, reason: str) -> list:
-            self.pending.pop(conn, None)
-            self.pending_since.pop(conn, None)
-            self.stats.registrations_refused[code] += 1
-            return [Log("warning", "registration refused", {"peer": peer, "conn": conn, "code": code, "reason": reason}),
-                    Close(conn, code, reason)]
-
         if message.__class__ is not dict or message.get("name") != REGISTER:
-            return refuse(CLOSE_NOT_REGISTERED, f"register first: the first frame must be a JSON object named {REGISTER!r}")
+            return self._refuse_registration(conn, CLOSE_NOT_REGISTERED, f"register first: the first frame must be a JSON object named {REGISTER!r}")
         role = message.get("sender")
         if role.__class__ is not str or not role:
-            return refuse(CLOSE_BAD_REGISTRATION, "the registration needs the role as a string 'sender'")
+            return self._refuse_registration(conn, CLOSE_BAD_REGISTRATION, "the registration needs the role as a string 'sender'")
         routes = self.table.roles.get(role)
         if routes is None:
-            return refuse(CLOSE_UNKNOWN_ROLE, f"role {_describe(role)} is not in the routing configuration")
+            return self._refuse_registration(conn, CLOSE_UNKNOWN_ROLE, f"role {shown(role)} is not in the routing configuration")
         payload = message.get("payload")
         raw_version = payload.get("version") if isinstance(payload, dict) else None
         if raw_version is None:
@@ -302,12 +280,9 @@ class Broker:
             try:
                 version = Version(raw_version)
             except InvalidVersion as e:
-                return refuse(CLOSE_BAD_VERSION, f"invalid version: {e}")
-        self.pending.pop(conn, None)
-        self.pending_since.pop(conn, None)
-        # By version equality, not text: 0.0.1+build7 is 0.0.1 (build metadata
-        # does not count) and joins its pool, so it is held like 0.0.1.
-        d = next((d for d in self.deployments.values() if d.target.role == role and d.target.version == version), None)
+                return self._refuse_registration(conn, CLOSE_BAD_VERSION, f"invalid version: {e}")
+        peer, _ = self.pending.pop(conn, ("?", now))
+        d = self.deployment(role, version)
         state = d.state if d is not None else LIVE
         instance = Instance(conn, role, version, routes.profile_for(version), peer)
         instance.metric_key = (role, self.stats.version_label(role, str(version)))
@@ -320,6 +295,12 @@ class Broker:
         if script_of is not None:
             self._advance(script_of, now, actions)
         return actions
+
+    def _refuse_registration(self, conn: int, code: int, reason: str) -> list:
+        peer, _ = self.pending.pop(conn, ("?", 0.0))
+        self.stats.registrations_refused[code] += 1
+        return [Log("warning", "registration refused", {"peer": peer, "conn": conn, "code": code, "reason": reason}),
+                Close(conn, code, reason)]
 
     # ----------------------------------------------------------------- routing
 
@@ -367,7 +348,7 @@ class Broker:
         roles = self.table.receivers.get(public)
         if not roles:
             self.stats.undeliverable[public] += 1
-            actions.extend(self._warning(sender, now, "message undeliverable", {
+            actions.extend(self._budgeted_log(sender, now, "warning", "message undeliverable", {
                 "sender": sender.role, "name": public, "reason": "no role receives this message"}))
             return
         script_of = self.deployment_by_script.get(sender.role)
@@ -391,15 +372,13 @@ class Broker:
                 continue
             self._deliver(sender, target, message, public, activity, frame, encoded, actions)
         if missed is not None:
-            # Nobody got it: a warning. Some roles got it: info, still with why.
-            fields = {"sender": sender.role, "name": public, "activity_id": activity_id, "missed": missed}
-            if len(missed) == len(roles):
+            # Contract 3.2: every role that misses it (e.g. no version satisfies
+            # the requirement) is logged with why -- a warning when nobody got it.
+            nobody = len(missed) == len(roles)
+            if nobody:
                 self.stats.undeliverable[public] += 1
-                actions.extend(self._warning(sender, now, "message undeliverable", fields))
-            else:
-                # Contract 3.2: a role that misses it (e.g. no version satisfies
-                # the requirement) is logged, at the default level.
-                actions.extend(self._warning(sender, now, "message undeliverable", fields, level="info"))
+            actions.extend(self._budgeted_log(sender, now, "warning" if nobody else "info", "message undeliverable", {
+                "sender": sender.role, "name": public, "activity_id": activity_id, "missed": missed}))
 
     def _choose(self, role: str, public: str, activity: dict | None,
                 requirement: Requirement | None) -> tuple[Instance | None, str]:
@@ -477,12 +456,12 @@ class Broker:
 
     def _refusal(self, instance: Instance, now: float, code: str, reason: str, name: str | None = None) -> list:
         self.stats.refused[code] += 1
-        return self._warning(instance, now, "message refused", {
+        return self._budgeted_log(instance, now, "warning", "message refused", {
             "role": instance.role, "instance": instance.label, "peer": instance.peer, "name": name, "code": code,
             "reason": reason})
 
-    def _warning(self, instance: Instance, now: float, event: str, fields: dict[str, Any], level: str = "warning") -> list:
-        """A warning caused by one connection's frames -- at most
+    def _budgeted_log(self, instance: Instance, now: float, level: str, event: str, fields: dict[str, Any]) -> list:
+        """A log event caused by one connection's frames -- at most
         WARNING_BURST of them per connection and WARNING_WINDOW, so that a
         flood cannot flood the log; the rest is summed up in one `warnings
         suppressed` event when the window ends (see `tick`) or the

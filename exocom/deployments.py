@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import Deploys
 from .registry import FAILED, HELD, LIVE
+from .versions import InvalidVersion, Version
 
 OFFLINE, ONLINE = "offline", "online"
 STEPS = (OFFLINE, ONLINE)
@@ -24,6 +25,20 @@ STEP_FAILED = "failed"
 
 # Ledger record events
 STEP_STARTED, STEP_DONE, STEP_FAILED_EVENT, STEP_REARMED = "started", "done", "failed", "rearmed"
+
+
+Key = tuple[str, Version]
+
+
+def key(role: str, version: str | Version) -> Key | None:
+    """Deployments are found by role and version equality, as instances are
+    pooled: 0.0.1+build7 is 0.0.1. None for a version that is not one."""
+    if not isinstance(version, Version):
+        try:
+            version = Version(version)
+        except InvalidVersion:
+            return None
+    return role, version
 
 
 def message_name(target: Deploys, step: str, outcome: str) -> str:
@@ -137,12 +152,12 @@ class Deployment:
         }
 
 
-def replay(deployments: dict[tuple[str, str], Deployment], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def replay(deployments: dict[Key, Deployment], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fold ledger records into the deployments; return records of deployments
     no longer configured (kept in the ledger, shown to operators, not acted on)."""
     orphans = []
     for record in records:
-        deployment = deployments.get((record["role"], record["version"]))
+        deployment = deployments.get(key(record["role"], record["version"]))
         if deployment is None:
             orphans.append(record)
         else:

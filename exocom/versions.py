@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from functools import total_ordering
 
+from .actions import shown
+
 # ASCII digits only, and the whole string (fullmatch: no trailing newline).
 # 64 characters per number is far beyond any real version and keeps int() cheap.
 _SEMVER = re.compile(
@@ -24,13 +26,6 @@ class InvalidVersion(ValueError):
     pass
 
 
-def _shown(value: object) -> str:
-    # A client's value in an error message: never huge, never a deep repr.
-    if isinstance(value, str):
-        return repr(value if len(value) <= 60 else value[:60] + "...")
-    return f"a value of type {type(value).__name__}"
-
-
 @total_ordering
 class Version:
     """A parsed semantic version; hashable and ordered by semver precedence."""
@@ -40,7 +35,7 @@ class Version:
     def __init__(self, text: str):
         match = _SEMVER.fullmatch(text) if isinstance(text, str) and len(text) <= 256 else None
         if match is None:
-            raise InvalidVersion(f"{_shown(text)} is not a semantic version (MAJOR.MINOR.PATCH, e.g. 1.4.0)")
+            raise InvalidVersion(f"{shown(text)} is not a semantic version (MAJOR.MINOR.PATCH, e.g. 1.4.0)")
         self.text = text
         self.major, self.minor, self.patch = (int(match.group(i)) for i in (1, 2, 3))
         self.prerelease = tuple(match.group(4).split(".")) if match.group(4) else ()
@@ -84,7 +79,7 @@ class Requirement:
         match = _REQUIREMENT.fullmatch(text) if isinstance(text, str) and len(text) <= 256 else None
         if match is None:
             raise InvalidRequirement(
-                f"version requirement {_shown(text)} must look like \"2\", \"2.1\" or \"2.1.3\""
+                f"version requirement {shown(text)} must look like \"2\", \"2.1\" or \"2.1.3\""
             )
         self.text = text
         self.parts = tuple(int(g) for g in match.groups() if g is not None)

@@ -184,7 +184,7 @@ class Deployments(RuleBasedStateMachine):
         self.check_deliveries()
 
     def check_deliveries(self, production=False):
-        state = self.h.broker.deployments["todos", "2.0.0"].state
+        state = self.h.broker.deployment("todos", "2.0.0").state
         for conn, msgs in list(self.h.inbox.items()):
             who = self.conns.get(conn)
             assert who is not None, "delivered to a disconnected instance"
@@ -235,7 +235,7 @@ def test_the_deployment_machine_can_finish_a_deployment():
     while m.h.unwritten:
         m.ledger_writes_one()
     m.live_only_after_offline_recorded_done()
-    assert m.h.broker.deployments["todos", "2.0.0"].state == "live"
+    assert m.h.broker.deployment("todos", "2.0.0").state == "live"
     m.production_traffic()
     m.script_answers("online", "done", stale=False)
     while m.h.unwritten:
