@@ -34,37 +34,24 @@ def _console_arrow(_logger, _name, event_dict):
     return event_dict
 
 
-# Client strings (message names, unknown roles, ids) end up in log fields: a
-# 1 MB name must not make a 1 MB log line.
+# Client values end up in log fields: a 1 MB message name must not make a
+# 1 MB log line, and an id nested 1000 lists deep (orjson writes 254, repr
+# recurses) must not cost the line.
 MAX_FIELD_CHARS = 500
 
 
-def _bounded_strings(_logger, _name, event_dict):
+def _printable_fields(_logger, _name, event_dict):
     for key, value in event_dict.items():
-        if value.__class__ is str and len(value) > MAX_FIELD_CHARS:
-            event_dict[key] = f"{value[:MAX_FIELD_CHARS]}...(+{len(value) - MAX_FIELD_CHARS} chars)"
+        cls = value.__class__
+        if cls is str:
+            if len(value) > MAX_FIELD_CHARS:
+                event_dict[key] = f"{value[:MAX_FIELD_CHARS]}...(+{len(value) - MAX_FIELD_CHARS} chars)"
+        elif cls is dict or cls is list:
+            try:
+                orjson.dumps(value, default=str)
+            except (TypeError, ValueError):
+                event_dict[key] = reprlib.repr(value)
     return event_dict
-
-
-def _printable(value: Any) -> Any:
-    if isinstance(value, (dict, list, tuple)):
-        try:
-            orjson.dumps(value, default=str)
-        except (TypeError, ValueError):
-            return reprlib.repr(value)
-    return value
-
-
-def _never_fails(renderer):
-    """A client's id or activityId may be any JSON value, nested deeper than a
-    renderer can go: such values are shown shortened instead of losing the line."""
-    def render(logger, name, event_dict):
-        original = dict(event_dict)  # renderers pop fields as they go
-        try:
-            return renderer(logger, name, event_dict)
-        except (TypeError, ValueError, RecursionError):
-            return renderer(logger, name, {k: _printable(v) for k, v in original.items()})
-    return render
 
 
 def _orjson_dumps(obj: Any, **_kw) -> str:
@@ -78,13 +65,13 @@ def configure(fmt: str | None = None, level: str = "info", stream=None) -> None:
     shared = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _bounded_strings,
+        _printable_fields,
     ]
     if fmt == "json":
         processors = [*shared, structlog.processors.format_exc_info,
-                      _never_fails(structlog.processors.JSONRenderer(serializer=_orjson_dumps))]
+                      structlog.processors.JSONRenderer(serializer=_orjson_dumps)]
     else:
-        processors = [*shared, _console_arrow, _never_fails(structlog.dev.ConsoleRenderer(colors=stream.isatty()))]
+        processors = [*shared, _console_arrow, structlog.dev.ConsoleRenderer(colors=stream.isatty())]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),

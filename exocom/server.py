@@ -94,6 +94,7 @@ class Server:
         self.started_at = time.time()
         self.stopping = False
         self.forced_stop = False  # a second signal cut the graceful stop short
+        self._all_closed: trio.Event | None = None  # set during a graceful stop once no peer is left
 
     # --------------------------------------------------------------- actions
 
@@ -220,9 +221,10 @@ class Server:
             peer.close(CLOSE_GOING_AWAY, "exocom is shutting down")
         # A ledger write in progress finishes (worker threads are not
         # abandoned); what is still queued is not acknowledged to anyone yet.
+        self._all_closed = trio.Event()
         with trio.move_on_after(self.grace_period):
-            while self.peers:
-                await trio.sleep(0.05)
+            if self.peers:
+                await self._all_closed.wait()
         cancel_scope.cancel()
 
     # --------------------------------------------------------------- per TCP
@@ -344,6 +346,8 @@ class Server:
                 nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
         finally:
             del self.peers[conn_id]
+            if self._all_closed is not None and not self.peers:
+                self._all_closed.set()
             self.execute(self.broker.disconnected(conn_id, time.time()))
 
     async def _reader(self, peer: Peer, data: bytes) -> None:
@@ -413,4 +417,4 @@ class Server:
                 if peer.cancel_scope is not None:
                     peer.cancel_scope.cancel()
                 return
-            peer.outbox_bytes = max(0, peer.outbox_bytes - len(data))  # 0 if dropped meanwhile
+            peer.outbox_bytes -= len(data)
