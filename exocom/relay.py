@@ -135,7 +135,7 @@ class Relay:
         # a chance to register its handlers (a deployment step's start
         # message comes right after the registration).
         self._held: list[Message] | None = None
-        self._nursery: trio.Nursery | None = None
+        self._handlers: trio.Nursery | None = None  # where handlers run: `run`'s nursery
         # The scope `close()` cancels: around connecting and waiting to retry,
         # and inside an open connection -- never around the block that owns the
         # WebSocket, so that leaving it closes the WebSocket with a close
@@ -288,10 +288,11 @@ class Relay:
         try:
             async with trio.open_nursery() as nursery:
                 # Handlers run in this nursery too; they are cancelled when the relay stops.
-                self._nursery = nursery
+                self._handlers = nursery
+
                 async def connect_loop():
                     try:
-                        await self._connect_loop(nursery)
+                        await self._connect_loop()
                     finally:
                         nursery.cancel_scope.cancel()
 
@@ -310,7 +311,7 @@ class Relay:
         if self.error is not None:
             raise self.error
 
-    async def _connect_loop(self, handlers: trio.Nursery) -> None:
+    async def _connect_loop(self) -> None:
         backoff = self.min_backoff
         failures = 0
         while not self._closed:
@@ -322,7 +323,7 @@ class Relay:
                 try:
                     async with open_websocket_url(self.url, message_queue_size=64,
                                                   disconnect_timeout=self.close_timeout) as ws:
-                        close = await self._session(ws, handlers)
+                        close = await self._session(ws)
                 except ConnectionClosed as e:
                     close = e.reason
                 except (OSError, HandshakeError, ConnectionTimeout, DisconnectionTimeout,
@@ -360,7 +361,7 @@ class Relay:
                 await trio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
 
-    async def _session(self, ws, handlers: trio.Nursery):
+    async def _session(self, ws):
         """One connection: register, confirm, dispatch until it closes. Returns
         the close reason, or None when `close()` ended it."""
         self._stop_scope = scope = trio.CancelScope()
@@ -379,7 +380,7 @@ class Relay:
                 async with trio.open_nursery() as confirm:
                     confirm.start_soon(self._confirm_registration, ws)
                     try:
-                        await self._dispatch(ws, handlers, session)
+                        await self._dispatch(ws, session)
                     except ConnectionClosed as e:
                         close = e.reason
                     confirm.cancel_scope.cancel()
@@ -404,7 +405,7 @@ class Relay:
         self._notify()
         self.log.info("relay online", url=self.url, version=self.version, registrations=self.registrations)
 
-    async def _dispatch(self, ws, handlers: trio.Nursery, session: int) -> None:
+    async def _dispatch(self, ws, session: int) -> None:
         while True:
             data = await ws.get_message()
             try:
@@ -414,9 +415,9 @@ class Relay:
             except (ValueError, KeyError, TypeError):
                 self.log.warning("relay got an unreadable frame", frame=str(data)[:200])
                 continue
-            self._deliver(message, handlers)
+            self._deliver(message)
 
-    def _deliver(self, message: Message, handlers: trio.Nursery) -> None:
+    def _deliver(self, message: Message) -> None:
         waiting = self._waiting.get(message.activity_id)
         handler = self.handlers.get(message.name)
         if waiting is not None and handler is None:
@@ -425,7 +426,7 @@ class Relay:
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
         elif handler is not None:
-            handlers.start_soon(self._handle, handler, message)
+            self._handlers.start_soon(self._handle, handler, message)
         elif self._held is not None:
             self._held.append(message)
         else:
@@ -433,10 +434,10 @@ class Relay:
             self.log.warning("no handler for message", name=message.name, activity_id=message.activity_id,
                              handlers=sorted(self.handlers))
 
-    def _release_held(self, handlers: trio.Nursery) -> None:
+    def _release_held(self) -> None:
         held, self._held = self._held, None
         for message in held or ():
-            self._deliver(message, handlers)
+            self._deliver(message)
 
     async def _handle(self, handler: Handler, message: Message) -> None:
         try:
@@ -536,9 +537,7 @@ async def open_relay(url: str, role: str, version: str | None = None, *, connect
                 async def release_held() -> None:
                     # Runs once the block reached its first checkpoint: by then
                     # it registered the handlers it registers right away.
-                    if relay._nursery is not None:
-                        relay._release_held(relay._nursery)
-                    relay._held = None
+                    relay._release_held()
 
                 nursery.start_soon(release_held)
                 try:
