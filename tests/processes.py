@@ -77,11 +77,15 @@ class BrokerProcess:
         body = self.get("/deployments") or {"deployments": []}
         return next((d for d in body["deployments"] if d["role"] == role and d["version"] == version), None)
 
+    def instances(self, role: str) -> int:
+        config = self.get("/config.json") or {"clients": []}
+        return sum(c["instances"] for c in config["clients"] if c["role"] == role)
+
     def wait_registered(self, role: str, instances: int = 1) -> None:
-        def registered():
-            config = self.get("/config.json") or {"clients": []}
-            return any(c["role"] == role and c["instances"] >= instances for c in config["clients"])
-        wait_for(registered, what=f"{role} to register")
+        wait_for(lambda: self.instances(role) >= instances, what=f"{role} to register")
+
+    def wait_deregistered(self, role: str) -> None:
+        wait_for(lambda: self.instances(role) == 0, what=f"{role} to deregister")
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         self.process.send_signal(sig)

@@ -77,8 +77,7 @@ def test_deploying_todo_search_fills_it_with_existing_todos(stack, tmp_path):
     search = processes[1]
     search.terminate()
     search.wait(timeout=10)
-    wait_for(lambda: not any(c["role"] == "todo-search" and c["instances"]
-                             for c in broker.get("/config.json")["clients"]), what="todo-search to deregister")
+    broker.wait_deregistered("todo-search")
     processes[1] = start_example("todo_search.py", "--url", broker.url, "--version", "0.0.1", "--db", search_db, log=log)
     broker.wait_registered("todo-search")
     assert titles(run_web(broker.url, "search", "*")) == ["one", "two"]
@@ -96,8 +95,7 @@ def test_the_script_waits_for_todos_when_its_online_step_starts_before_todos_is_
         assert run_web(broker.url, "add", title).returncode == 0
     todos.terminate()
     todos.wait(timeout=10)
-    wait_for(lambda: not any(c["role"] == "todos" and c["instances"] for c in broker.get("/config.json")["clients"]),
-             what="todos to deregister")
+    broker.wait_deregistered("todos")
 
     processes.append(start_example("todo_search.py", "--url", broker.url, "--version", "0.0.1", "--db", search_db, log=log))
     processes.append(start_example("todo_search_deployment.py", "--url", broker.url, log=log))
