@@ -8,9 +8,9 @@ from typing import Any
 
 import orjson
 
-from exocom.actions import Close, Deliver, Log, WriteRecord
-from exocom.broker import Broker
-from exocom.config import parse_service_data
+from exocom.core.actions import Close, Deliver, Log, WriteRecord
+from exocom.core.broker import Broker
+from exocom.core.config import parse_service_data
 
 
 class Harness:

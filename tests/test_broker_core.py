@@ -2,9 +2,9 @@
 
 from core import Harness
 
-from exocom.actions import (CLOSE_ALREADY_REGISTERED, CLOSE_BAD_REGISTRATION, CLOSE_BAD_VERSION,
+from exocom.core.actions import (CLOSE_ALREADY_REGISTERED, CLOSE_BAD_REGISTRATION, CLOSE_BAD_VERSION,
                             CLOSE_NOT_REGISTERED, CLOSE_UNKNOWN_ROLE)
-from exocom.broker import WARNING_BURST, WARNING_WINDOW
+from exocom.core.broker import WARNING_BURST, WARNING_WINDOW
 
 ROUTES = {
     "web": {"sends": ["users create", "ping"], "receives": ["users created", "pong"]},
@@ -349,7 +349,7 @@ def test_the_security_adapter_never_asks_a_held_security_version():
 
 
 def v2_version():
-    from exocom.versions import Version
+    from exocom.core.versions import Version
     return Version("2.0.0")
 
 

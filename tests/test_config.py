@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from exocom.config import ConfigError, from_service_data_env, load, parse_service_data, parse_text
+from exocom.core.config import ConfigError, from_service_data_env, load, parse_service_data, parse_text
 
 
 def test_missing_lists_mean_empty():

@@ -17,7 +17,7 @@ import pytest
 from fleet import EXOCOM, NEW, routes
 from processes import free_port
 
-from exocom.ledger import SQLiteLedger
+from exocom.server.ledger import SQLiteLedger
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol
 
-from exocom.frames import (BINARY, CLOSE, MAX_FRAGMENTS, PING, TEXT, FrameDecoder, ProtocolError, close_frame,
+from exocom.server.frames import (BINARY, CLOSE, MAX_FRAGMENTS, PING, TEXT, FrameDecoder, ProtocolError, close_frame,
                            parse_close)
 
 

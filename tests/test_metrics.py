@@ -5,7 +5,7 @@ import urllib.request
 
 import trio
 
-from exocom.server import Limits
+from exocom.server.listener import Limits
 from wire import running_broker
 
 ROUTES = {

@@ -5,10 +5,10 @@ import trio
 import trio.testing
 from wsproto.frame_protocol import FrameProtocol
 
-from exocom.actions import Deliver
-from exocom.broker import Broker
-from exocom.config import parse_service_data
-from exocom.server import Limits, Peer, Server
+from exocom.core.actions import Deliver
+from exocom.core.broker import Broker
+from exocom.core.config import parse_service_data
+from exocom.server.listener import Limits, Peer, Server
 
 LIMIT = 1000
 PAYLOAD = b"x" * 300  # 302 bytes with its frame header

@@ -203,7 +203,7 @@ class Deployments(RuleBasedStateMachine):
 
     @invariant()
     def live_only_after_offline_recorded_done(self):
-        pool = self.h.broker.registry.pool("todos", __import__("exocom.versions").versions.Version("2.0.0"))
+        pool = self.h.broker.registry.pool("todos", __import__("exocom.core.versions").core.versions.Version("2.0.0"))
         offline_done = any(r["step"] == "offline" and r["event"] == "done" for r in self.ledger)
         if pool is not None and pool.state == "live":
             assert offline_done

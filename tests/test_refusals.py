@@ -12,7 +12,7 @@ import trio
 from structlog.testing import capture_logs
 from trio_websocket import ConnectionClosed
 
-from exocom.server import Limits
+from exocom.server.listener import Limits
 from raw_ws import RawClient
 from wire import new_id, running_broker
 

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exocom.versions import InvalidRequirement, InvalidVersion, Requirement, Version
+from exocom.core.versions import InvalidRequirement, InvalidVersion, Requirement, Version
 
 
 def test_semver_precedence():

@@ -11,10 +11,10 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from exocom.broker import Broker
-from exocom.config import parse_service_data
-from exocom.ledger import SQLiteLedger
-from exocom.server import Limits, Server
+from exocom.core.broker import Broker
+from exocom.core.config import parse_service_data
+from exocom.server.ledger import SQLiteLedger
+from exocom.server.listener import Limits, Server
 
 
 def new_id() -> str:

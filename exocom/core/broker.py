@@ -29,7 +29,7 @@ from .actions import (
 )
 from .activities import LAST_SEEN, Generations, new_activity
 from .config import Config
-from .metrics import Stats
+from .stats import Stats
 from .registry import FAILED, HELD, LIVE, Instance, Registry, VersionPool
 from .routing import RoutingTable
 from .versions import UNVERSIONED, InvalidRequirement, InvalidVersion, Requirement, Version

@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from .config import PROFILE_KEYS, ROLE_KEYS, ConfigError, parse_service_data
-from .versions import InvalidRequirement, InvalidVersion, Requirement, Version
+from ..core.config import PROFILE_KEYS, ROLE_KEYS, ConfigError, parse_service_data
+from ..core.versions import InvalidRequirement, InvalidVersion, Requirement, Version
 
 ERROR, WARNING = "error", "warning"
 SECURITY_ROLE = "security"

@@ -27,11 +27,11 @@ from wsproto.events import AcceptConnection
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as HandshakeError
 
-from .actions import CLOSE_GOING_AWAY, CLOSE_TOO_LARGE, Close, Deliver, Log, WriteRecord
-from .broker import Broker
+from ..core.actions import CLOSE_GOING_AWAY, CLOSE_TOO_LARGE, Close, Deliver, Log, WriteRecord
+from ..core.broker import Broker
 from .frames import BINARY, CLOSE, PING, PONG, TEXT, FrameDecoder, ProtocolError, close_frame, frame, parse_close, text_header
 from .ledger import Ledger, LedgerError
-from .logs import get_logger
+from ..logs import get_logger
 from .readiness import readiness
 from .metrics import render as render_metrics
 

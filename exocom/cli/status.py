@@ -19,6 +19,8 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from .settings import resolve_port  # the same port rules as `exocom serve`
+
 OK, PROBLEMS, UNREACHABLE = 0, 1, 2
 TIMEOUT = 5.0
 
@@ -185,8 +187,6 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def default_url(environ) -> str:
-    from .cli import resolve_port  # the same port rules as `exocom serve`
-
     return f"http://127.0.0.1:{resolve_port(None, environ)}"
 
 

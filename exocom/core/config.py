@@ -236,7 +236,7 @@ def default_config_text() -> tuple[str, str]:
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8"), "embedded default"
     # Running from a source checkout: the default is the file in config/.
-    source = Path(__file__).resolve().parent.parent / "config" / "todo-app.yml"
+    source = Path(__file__).resolve().parents[2] / "config" / "todo-app.yml"
     return source.read_text(encoding="utf-8"), "embedded default"
 
 

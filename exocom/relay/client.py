@@ -45,7 +45,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from .logs import get_logger
+from ..logs import get_logger
 
 REGISTER = "exocom.register-service"
 

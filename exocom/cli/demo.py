@@ -49,7 +49,7 @@ class DemoError(Exception):
 
 
 def find_root(explicit: str | None = None) -> Path:
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]
     candidates = [Path(explicit)] if explicit else [here, Path.cwd()]
     for root in candidates:
         if (root / "examples" / "todo_app" / "web.py").is_file() and (root / "config" / "todo-app.yml").is_file():
@@ -143,7 +143,7 @@ class Demo:
         self.started = time.monotonic()
         path = os.environ.get("PYTHONPATH")
         # The children import exocom from the same place as this process.
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])
         self.env = {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else ""),
                     "PYTHONUNBUFFERED": "1"}
         for key in ("SERVICE_DATA", "EXOCOM_URL"):

@@ -17,41 +17,15 @@ from pathlib import Path
 
 import trio
 
-from . import __version__
-from .broker import Broker
+from .. import __version__
+from ..core.broker import Broker
 from .check import check_config_command
-from .config import ConfigError, load
-from .ledger import FILE_NAME, LedgerError, SQLiteLedger
-from .logs import LEVELS, configure, get_logger
-from .server import Limits, Server
+from ..core.config import ConfigError, load
+from ..server.ledger import FILE_NAME, LedgerError, SQLiteLedger
+from ..logs import LEVELS, configure, get_logger
+from ..server.listener import Limits, Server
+from .settings import DEFAULT_HOST, DEFAULT_PORT, default_state_dir, resolve_port
 from .status import status_command
-
-DEFAULT_PORT = 4100
-DEFAULT_HOST = "0.0.0.0"
-
-
-def default_state_dir(environ) -> str:
-    if environ.get("EXOCOM_STATE_DIR"):
-        return environ["EXOCOM_STATE_DIR"]
-    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "exocom")
-
-
-def resolve_port(arg: int | None, environ) -> int:
-    if arg is not None:
-        return arg
-    for key in ("EXOCOM_PORT", "PORT"):
-        value = environ.get(key)
-        if value:
-            try:
-                port = int(value)
-            except ValueError:
-                raise ConfigError(f"{key}={value!r} is not a port number") from None
-            if not 0 <= port <= 65535:
-                raise ConfigError(f"{key}={value!r} is not a port number (0-65535)")
-            return port
-    return DEFAULT_PORT
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exocom", description="Message broker for microservice fleets, with versioned deployments.")

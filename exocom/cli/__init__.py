@@ -1,0 +1,5 @@
+"""The `exocom` command: `serve`, `status`, `deployments`, `check-config`, `demo`."""
+
+from .commands import main
+
+__all__ = ["main"]

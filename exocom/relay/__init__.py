@@ -1,0 +1,28 @@
+"""The Python Exorelay: a trio client for services and deployment scripts.
+
+    from exocom.relay import open_relay, DeploymentScript
+
+See `exocom.relay.client` for the whole story.
+"""
+
+from .client import (
+    DeploymentScript,
+    Message,
+    RegistrationRefused,
+    Relay,
+    RelayClosed,
+    RelayError,
+    RequestTimeout,
+    open_relay,
+)
+
+__all__ = [
+    "DeploymentScript",
+    "Message",
+    "RegistrationRefused",
+    "Relay",
+    "RelayClosed",
+    "RelayError",
+    "RequestTimeout",
+    "open_relay",
+]
