@@ -4,7 +4,7 @@ from core import Harness
 
 from exocom.core.actions import (CLOSE_ALREADY_REGISTERED, CLOSE_BAD_REGISTRATION, CLOSE_BAD_VERSION,
                             CLOSE_NOT_REGISTERED, CLOSE_UNKNOWN_ROLE)
-from exocom.core.broker import WARNING_BURST, WARNING_WINDOW
+from exocom.core.budget import WARNING_BURST, WARNING_WINDOW
 
 ROUTES = {
     "web": {"sends": ["users create", "ping"], "receives": ["users created", "pong"]},

@@ -3,7 +3,7 @@ and version, grouped into version pools ordered newest first."""
 
 from __future__ import annotations
 
-from .routing import CompiledProfile
+from .routes import CompiledProfile
 from .versions import Version
 
 LIVE, HELD, FAILED = "live", "held", "failed"

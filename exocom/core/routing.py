@@ -1,64 +1,209 @@
-"""The routing table: who may send a name, and which roles receive it under
-which internal name. Compiled once from the configuration so that the
-per-message path is a few dictionary lookups.
+"""Where a message goes: `Router.route`.
+
+An accepted message reaches one instance of every role that receives it
+(`routes.RoutingTable`), under that role's internal name. Within a role, in
+this order: the asker of a `responseTo` answer; the instance already on the
+activity (affinity); else the newest live version -- satisfying the
+message's `version` requirement if it has one -- round robin among its
+instances. A deployment script reaches the version it deploys, held or not.
 """
 
 from __future__ import annotations
 
-from .config import Config, Profile, RoleConfig
-from .versions import Version
+import uuid
+from datetime import datetime, timezone
+
+import orjson
+
+from .actions import Deliver, Log
+from .activities import LAST_SEEN, Generations
+from .budget import WarningBudget
+from .config import Deploys
+from .registry import LIVE, Instance, Registry, VersionPool
+from .routes import RoutingTable
+from .stats import Stats
+from .versions import InvalidRequirement, Requirement
+
+_dumps = orjson.dumps
+_OPT = orjson.OPT_UTC_Z
+_UTC = timezone.utc
+_fromtimestamp = datetime.fromtimestamp
+# Fields of an incoming message that are passed through to receivers as they are.
+_PASS_THROUGH = ("auth", "isSecurity", "responseTo")
 
 
-class CompiledProfile:
-    """A profile turned into lookups: internal<->public names, sends, receives."""
-
-    __slots__ = ("sends", "to_public", "to_internal", "receives")
-
-    def __init__(self, profile: Profile):
-        self.to_public = {t.internal: t.public for t in profile.translations}
-        self.to_internal = {t.public: t.internal for t in profile.translations}
-        self.sends = frozenset(profile.sends)
-        # Receives lists internal names; match on the public name.
-        self.receives = frozenset(self.to_public.get(n, n) for n in profile.receives)
-
-    def public_name(self, internal: str) -> str:
-        return self.to_public.get(internal, internal)
-
-    def internal_name(self, public: str) -> str:
-        return self.to_internal.get(public, public)
+def new_id() -> str:
+    return str(uuid.uuid4())
 
 
-class RoleRoutes:
-    __slots__ = ("config", "base", "overrides", "_by_version")
+class Router:
+    def __init__(self, table: RoutingTable, registry: Registry, stats: Stats, budget: WarningBudget, *,
+                 activities: Generations, commands: Generations, script_targets: dict[str, Deploys],
+                 log_deliveries: bool = False):
+        self.table = table
+        self.registry = registry
+        self.stats = stats
+        self.budget = budget
+        self.activities = activities  # activity id -> activity record (see activities.py)
+        self.commands = commands  # message id -> sender conn, for `responseTo`
+        self.script_targets = script_targets  # deployment script role -> the version it deploys
+        self.log_deliveries = log_deliveries
 
-    def __init__(self, config: RoleConfig):
-        self.config = config
-        self.base = CompiledProfile(config.profile)
-        self.overrides = [(req, CompiledProfile(p)) for req, p in config.version_profiles]
-        self._by_version: dict[Version, CompiledProfile] = {}
+    def route(self, sender: Instance, message: dict, name: str, now: float, actions: list,
+              public: str | None = None) -> None:
+        """Deliver `message` (sent by `sender` under its internal `name`) to one
+        instance of every role that receives it."""
+        if public is None:
+            public = sender.profile.public_name(name)
+        self.stats.routed += 1
+        activity_id = message.get("activityId")
+        activity = None
+        response_time = None
+        if activity_id.__class__ is str:
+            activity = self.activities.get(activity_id)
+            if activity is None:
+                activity = {LAST_SEEN: now}
+                self.activities.put(activity_id, activity)
+            else:
+                response_time = int((now - activity[LAST_SEEN]) * 1e9)
+                activity[LAST_SEEN] = now
+            activity[sender.role] = sender.conn
+        message_id = message.get("id")
+        if message_id.__class__ is str:
+            self.commands.put(message_id, sender.conn)
 
-    def profile_for(self, version: Version) -> CompiledProfile:
-        profile = self._by_version.get(version)
-        if profile is None:
-            profile = next((p for req, p in self.overrides if req.matches(version)), self.base)
-            self._by_version[version] = profile
-        return profile
+        requirement = None
+        raw_requirement = message.get("version")
+        if raw_requirement is not None:
+            try:
+                requirement = Requirement(raw_requirement)
+            except InvalidRequirement as e:
+                actions.extend(self.budget.refusal(sender, now, "bad_version_requirement", str(e), name=name))
+                return
 
-    def may_receive(self, public: str) -> bool:
-        return public in self.base.receives or any(public in p.receives for _, p in self.overrides)
+        # An answer to a command we routed recently goes back to the asker only.
+        response_to = message.get("responseTo")
+        if response_to.__class__ is str:
+            asker = self.registry.by_conn.get(self.commands.get(response_to))
+            if asker is not None and public in asker.profile.receives:
+                self._deliver(sender, asker, message, public, activity, self._frame(message, response_time, now),
+                              {}, actions)
+                return
 
+        roles = self.table.receivers.get(public)
+        if not roles:
+            self.stats.undeliverable[public] += 1
+            actions.extend(self.budget.log(sender, now, "warning", "message undeliverable", {
+                "sender": sender.role, "name": public, "reason": "no role receives this message"}))
+            return
+        deploys = self.script_targets.get(sender.role)
+        missed = None
+        frame = self._frame(message, response_time, now)
+        encoded: dict[str, bytes] = {}
+        for role in roles:
+            if deploys is not None and role == deploys.role and (
+                requirement is None or requirement.matches(deploys.version)
+            ):
+                # A deployment script talks to the version it deploys, held or not;
+                # with a version requirement it may also read an older one.
+                target = self._pick_in_pool(self.registry.pool(role, deploys.version), public)
+                reason = f"{deploys} has no instance connected"
+            else:
+                target, reason = self.choose(role, public, activity, requirement)
+            if target is None:
+                if missed is None:
+                    missed = {}
+                missed[role] = reason
+                continue
+            self._deliver(sender, target, message, public, activity, frame, encoded, actions)
+        if missed is not None:
+            # Contract 3.2: every role that misses it (e.g. no version satisfies
+            # the requirement) is logged with why -- a warning when nobody got it.
+            nobody = len(missed) == len(roles)
+            if nobody:
+                self.stats.undeliverable[public] += 1
+            actions.extend(self.budget.log(sender, now, "warning" if nobody else "info", "message undeliverable", {
+                "sender": sender.role, "name": public, "activity_id": activity_id, "missed": missed}))
 
-class RoutingTable:
-    def __init__(self, config: Config):
-        self.config = config
-        self.roles = {name: RoleRoutes(rc) for name, rc in config.roles.items()}
-        receivers: dict[str, list[str]] = {}
-        for name, role in self.roles.items():
-            for profile in [role.base, *(p for _, p in role.overrides)]:
-                for public in profile.receives:
-                    if name not in receivers.setdefault(public, []):
-                        receivers[public].append(name)
-        self.receivers: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in receivers.items()}
+    def choose(self, role: str, public: str, activity: dict | None,
+               requirement: Requirement | None) -> tuple[Instance | None, str]:
+        """The instance of `role` that gets `public`, or None and why not."""
+        if activity is not None:
+            member = activity.get(role)
+            if member is not None:
+                instance = self.registry.by_conn.get(abs(member))
+                # Affinity holds whatever the version, but a held or failed
+                # version is only reached when it asked on this activity itself.
+                if instance is not None and public in instance.profile.receives and (
+                    member > 0 or instance.pool.state == LIVE
+                ):
+                    return instance, ""
+        for pool in self.registry.pools.get(role, ()):
+            if pool.state == LIVE and public in pool.profile.receives and (
+                requirement is None or requirement.matches(pool.version)
+            ):
+                return pool.pick(), ""
+        if requirement is not None:
+            return None, f"no live version of {role!r} satisfies version {requirement.text!r}"
+        if role in self.registry.pools:
+            return None, f"no live version of {role!r} is connected (held or failed versions get no production traffic)"
+        return None, f"no instance of {role!r} is connected"
 
-    def receiving_roles(self, public: str) -> tuple[str, ...]:
-        return self.receivers.get(public, ())
+    @staticmethod
+    def _pick_in_pool(pool: VersionPool | None, public: str) -> Instance | None:
+        if pool is None or not pool.instances or public not in pool.profile.receives:
+            return None
+        return pool.pick()
+
+    @staticmethod
+    def _frame(message: dict, response_time: int | None, now: float) -> dict:
+        """What every receiver of `message` gets, but for the name; built once per message."""
+        # Old Exorelay clients end their process on a message without `id`:
+        # a sender that leaves it out must not crash its receivers.
+        out = {
+            "name": None,
+            "sender": "",
+            "id": message.get("id") or new_id(),
+            "activityId": message.get("activityId"),
+            "payload": message.get("payload"),
+            "timestamp": _fromtimestamp(now, _UTC),
+        }
+        if response_time:
+            out["responseTime"] = response_time
+        for key in _PASS_THROUGH:
+            if key in message:
+                out[key] = message[key]
+        return out
+
+    def _deliver(self, sender: Instance, target: Instance, message: dict, public: str, activity: dict | None,
+                 frame: dict, encoded: dict, actions: list) -> None:
+        internal = target.profile.internal_name(public)
+        # Receivers that know the message by the same name share one encoding.
+        data = encoded.get(internal)
+        if data is None:
+            frame["name"] = internal
+            data = encoded[internal] = _dumps(frame, option=_OPT)
+        actions.append(Deliver(target.conn, data))
+        self.stats.delivered(target)
+        if activity is not None:
+            member = activity.get(target.role)
+            if member is None or abs(member) != target.conn:
+                # First delivery, or failover from an instance that is gone: remember the new one.
+                activity[target.role] = -target.conn
+        if self.log_deliveries:
+            response_time = frame.get("responseTime")
+            actions.append(Log("debug", "message delivered", {
+                "sender": sender.role, "sender_version": str(sender.version), "receiver": target.role,
+                "receiver_version": str(target.version), "instance": target.label, "name": public,
+                "internal_name": internal, "sender_name": message.get("name"),
+                "activity_id": message.get("activityId"), "message_id": message.get("id"),
+                "response_time_ms": response_time / 1e6 if response_time else None,
+            }))
+
+    # ------------------------------------------------ the broker's own messages
+
+    def send_to(self, target: Instance, message: dict, now: float, actions: list) -> None:
+        """A message the broker itself sends to one instance."""
+        message["timestamp"] = _fromtimestamp(now, _UTC)
+        message.setdefault("sender", "exocom")
+        actions.append(Deliver(target.conn, _dumps(message, option=_OPT)))

@@ -1,0 +1,226 @@
+"""The deployment driver: it runs the handshake of every declared deployment
+(contract sections 4-6) against the connected instances.
+
+When a held version and its deployment script are both connected, it
+records the next step as started, and only once the ledger has the record
+(`record_written`) sends the script `deployment-R-V-<step>-start`. The
+script's `-done` / `-failed` answer, a step's time limit and an operator's
+retry are recorded the same way before anything acts on them. The state
+machine of one deployment is `deployments.Deployment`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import deployments as dep
+from .actions import Log, WriteRecord, shown
+from .activities import new_activity
+from .budget import WarningBudget
+from .config import Config, Deploys
+from .registry import FAILED, HELD, LIVE, Instance, Registry
+from .routing import Router, new_id
+from .versions import Version
+
+
+class Deployer:
+    def __init__(self, config: Config, registry: Registry, router: Router, budget: WarningBudget, *,
+                 ledger_records: list[dict[str, Any]], step_timeout: float):
+        self.registry = registry
+        self.router = router
+        self.budget = budget
+        self.deployments: dict[dep.Key, dep.Deployment] = {}
+        self.by_script: dict[str, dep.Deployment] = {}
+        # Names of the scripts' answers -> (deployment, step, outcome).
+        self.answers: dict[str, tuple[dep.Deployment, str, str]] = {}
+        for script_role, target, timeout in config.deployments():
+            d = dep.Deployment(target, script_role, timeout or step_timeout)
+            self.deployments[dep.key(target.role, target.version)] = d
+            self.by_script[script_role] = d
+            for step in dep.STEPS:
+                for outcome in ("done", "failed"):
+                    self.answers[dep.message_name(target, step, outcome)] = (d, step, outcome)
+        self.orphan_records = dep.replay(self.deployments, list(ledger_records))
+
+    def script_targets(self) -> dict[str, Deploys]:
+        """Deployment script role -> the version it deploys."""
+        return {role: d.target for role, d in self.by_script.items()}
+
+    def deployment(self, role: str, version: str | Version) -> dep.Deployment | None:
+        return self.deployments.get(dep.key(role, version))
+
+    def state_of(self, role: str, version: Version) -> str:
+        """The state a new instance of role@version joins in."""
+        d = self.deployment(role, version)
+        return d.state if d is not None else LIVE
+
+    # ------------------------------------------------------------------ events
+
+    def registered(self, instance: Instance, now: float, actions: list) -> None:
+        """A version or a deployment script connected: a step may be due."""
+        d = self.deployment(instance.role, instance.version)
+        if d is not None:
+            self._advance(d, now, actions)
+        script_of = self.by_script.get(instance.role)
+        if script_of is not None:
+            self._advance(script_of, now, actions)
+
+    def deregistered(self, instance: Instance, now: float, actions: list) -> None:
+        script_of = self.by_script.get(instance.role)
+        if script_of is not None and script_of.in_flight and script_of.in_flight.script_conn == instance.conn:
+            flight = script_of.in_flight
+            script_of.in_flight = None
+            actions.append(self._log("warning", "step interrupted", script_of, flight.step,
+                                     reason="the deployment script disconnected; the step runs again when a "
+                                            "script instance is connected"))
+            self._advance(script_of, now, actions)
+
+    def answer(self, instance: Instance, message: dict, name: str, now: float) -> list:
+        """A deployment script's `-done` or `-failed`."""
+        d, step, outcome = self.answers[name]
+        if instance.role != d.script_role:
+            return self.budget.refusal(instance, now, "not_deployment_script",
+                                       f"only {d.script_role!r} may answer the deployment of {d.target}", name=name)
+        flight = d.in_flight
+        if flight is None or flight.step != step:
+            return [self._log("warning", "deployment answer ignored", d, step,
+                              reason=f"the {step} step is not running (status {d.steps[step].status})")]
+        activity_id = message.get("activityId")
+        if activity_id is not None and activity_id != flight.activity_id:
+            return [self._log("warning", "deployment answer ignored", d, step,
+                              reason="it answers an earlier attempt (another activityId)")]
+        d.in_flight = None
+        actions: list = []
+        if outcome == "done":
+            self._write(d, d.record(dep.STEP_DONE, step, now), actions)
+        else:
+            payload = message.get("payload")
+            reason = payload.get("reason") if isinstance(payload, dict) else None
+            self._write(d, d.record(dep.STEP_FAILED_EVENT, step, now, error=_reason_text(reason)), actions)
+        return actions
+
+    def deadlines(self, now: float, actions: list) -> None:
+        """Fail every step that outlived its time limit."""
+        for d in self.deployments.values():
+            flight = d.in_flight
+            if flight is not None and now >= flight.deadline:
+                d.in_flight = None
+                self._write(d, d.record(dep.STEP_FAILED_EVENT, flight.step, now,
+                                        error=f"time limit of {d.step_timeout:g}s exceeded"), actions)
+
+    def record_written(self, record: dict[str, Any], now: float) -> list:
+        """The ledger made `record` durable: now act on it."""
+        d = self.deployment(record["role"], record["version"])
+        if d is None:
+            return []
+        d.writing = None
+        d.apply(record)
+        actions: list = []
+        step, event = record["step"], record["event"]
+        if event == dep.STEP_STARTED:
+            self._send_step_start(d, step, record["attempt"], now, actions)
+        elif event == dep.STEP_DONE:
+            actions.append(self._log("info", f"{step} step done", d, step, duration_s=_duration(d.steps[step])))
+            if step == dep.OFFLINE:
+                self._set_state(d, actions)
+            else:
+                actions.append(self._log("info", "deployment finished", d, step))
+        elif event == dep.STEP_FAILED_EVENT:
+            actions.append(self._log("error", f"{step} step failed", d, step,
+                                     error=record.get("error"), duration_s=_duration(d.steps[step])))
+            self._set_state(d, actions)
+        elif event == dep.STEP_REARMED:
+            actions.append(self._log("info", "deployment re-armed", d, step))
+            self._set_state(d, actions)
+        self._advance(d, now, actions)
+        return actions
+
+    def retry(self, role: str, version: str, now: float) -> list:
+        """Re-arm the failed steps of a deployment (operator action)."""
+        d = self.deployment(role, version)
+        if d is None:
+            raise KeyError(f"no deployment of {role}@{version} is configured")
+        failed = [s.name for s in d.steps.values() if s.status == dep.STEP_FAILED]
+        if not failed:
+            raise ValueError(f"{role}@{version} has no failed step to retry (state {d.state})")
+        if d.writing is not None:
+            raise ValueError(f"{role}@{version} is busy writing its ledger; try again")
+        actions: list = []
+        self._write(d, d.record(dep.STEP_REARMED, failed[0], now), actions)
+        return actions
+
+    def starting(self) -> list:
+        """The state of every declared deployment, logged once at startup."""
+        actions = []
+        for d in self.deployments.values():
+            event = {HELD: "deployment held", LIVE: "deployment live", FAILED: "deployment failed"}[d.state]
+            actions.append(self._log("info" if d.state != FAILED else "warning", event, d, d.next_step()))
+        return actions
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [d.to_json() for d in self.deployments.values()]
+
+    # ----------------------------------------------------------------- helpers
+
+    def _advance(self, d: dep.Deployment, now: float, actions: list) -> None:
+        """Start the next step of `d` if it is due and can run now."""
+        if d.writing is not None or d.in_flight is not None:
+            return
+        step = d.next_step()
+        if step is None:
+            return
+        if not self.registry.pool(d.target.role, d.target.version) or not self.registry.pools.get(d.script_role):
+            return
+        self._write(d, d.record(dep.STEP_STARTED, step, now), actions)
+
+    def _send_step_start(self, d: dep.Deployment, step: str, attempt: int, now: float, actions: list) -> None:
+        scripts = self.registry.pools.get(d.script_role)
+        if not scripts or not self.registry.pool(d.target.role, d.target.version):
+            # Lost a party while the record was written; it runs again when both are back.
+            actions.append(self._log("warning", "step interrupted", d, step,
+                                     reason="the version or its deployment script disconnected before the step began"))
+            return
+        script = scripts[0].pick()
+        activity_id = new_id()
+        d.in_flight = dep.InFlight(step, activity_id, script.conn, now, now + d.step_timeout)
+        activity = new_activity(now)
+        activity[d.script_role] = script.conn
+        self.router.activities.put(activity_id, activity)
+        self.router.send_to(script, {"name": dep.message_name(d.target, step, "start"), "id": new_id(),
+                                     "activityId": activity_id, "payload": {"attempt": attempt}}, now, actions)
+        actions.append(self._log("info", f"{step} step started", d, step, attempt=attempt,
+                                 script_instance=script.label))
+
+    @staticmethod
+    def _write(d: dep.Deployment, record: dict[str, Any], actions: list) -> None:
+        d.writing = record
+        actions.append(WriteRecord(record))
+
+    def _set_state(self, d: dep.Deployment, actions: list) -> None:
+        state = d.state
+        pool = self.registry.pool(d.target.role, d.target.version)
+        if pool is not None and pool.state != state:
+            pool.state = state
+        event = {HELD: "version held", LIVE: "version live", FAILED: "version taken out of production"}[state]
+        actions.append(Log("info" if state != FAILED else "warning", event,
+                           {"role": d.target.role, "version": str(d.target.version), "state": state}))
+
+    @staticmethod
+    def _log(level: str, event: str, d: dep.Deployment, step: str | None, **fields) -> Log:
+        s = d.steps.get(step) if step else None
+        return Log(level, event, {"role": d.target.role, "version": str(d.target.version), "step": step,
+                                  "attempt": s.attempts if s else None, "script": d.script_role, **fields})
+
+
+def _reason_text(reason: Any) -> str:
+    if reason is None:
+        return "the deployment script reported failure"
+    if reason.__class__ is str:
+        return reason[:2000]
+    return f"the deployment script reported failure, with a reason that is {shown(reason)}"
+
+
+def _duration(step: dep.Step) -> float | None:
+    if step.started_at is None or step.ended_at is None:
+        return None
+    return round(step.ended_at - step.started_at, 3)

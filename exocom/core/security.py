@@ -1,0 +1,111 @@
+"""The security adapter of Exocom 0.27: when the configuration has a role
+named `security`, it authorizes every message before the message is routed.
+
+The broker sends `security` an `authorize message` with the original as
+payload and routes the original on `message authorized` (or tells the sender
+`message unauthorized`). `security` may query other services with a
+`security request`; their answer comes back to it as a `security response`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .actions import Log
+from .activities import Generations
+from .budget import WarningBudget
+from .registry import LIVE, Instance, Registry
+from .routing import Router, new_id
+
+SECURITY_ROLE = "security"
+# The security service may send these without listing them in its sends.
+SECURITY_ANSWERS = frozenset(("message authorized", "message unauthorized", "security request"))
+# What the adapter sends the security service, whatever its receives say.
+SECURITY_RECEIVES = ("authorize message", "security response")
+
+
+class SecurityAdapter:
+    def __init__(self, router: Router, registry: Registry, budget: WarningBudget, *, ttl: float, now: float):
+        self.router = router
+        self.registry = registry
+        self.budget = budget
+        self.authorizations = Generations(ttl, now)  # our activity -> (message, sender conn)
+        self.security_requests = Generations(ttl, now)  # the queried service's activity -> security's activity
+
+    def rotate_if_due(self, now: float) -> None:
+        self.authorizations.rotate_if_due(now)
+        self.security_requests.rotate_if_due(now)
+
+    def message(self, instance: Instance, message: dict, name: str, now: float) -> list:
+        """An accepted message of `instance`: authorize it, or act on the security service's answer."""
+        actions: list = []
+        activity_id = message.get("activityId")
+        if activity_id.__class__ is not str:
+            activity_id = None  # keys of the adapter's memories are strings (a list is not even hashable)
+        if instance.role == SECURITY_ROLE:
+            if name in ("message authorized", "message unauthorized"):
+                self._verdict(instance, name, activity_id, now, actions)
+            elif name == "security request":
+                self._security_request(instance, message, name, activity_id, now, actions)
+            else:
+                self.router.route(instance, message, name, now, actions)
+            return actions
+        security_activity = self.security_requests.get(activity_id)
+        if security_activity is not None:
+            # An answer to the security service's own query: wrapped and sent back to it.
+            self.security_requests.pop(activity_id)
+            self._send_to_security({"name": "security response", "id": new_id(), "activityId": security_activity,
+                                    "payload": message, "isSecurity": True}, now, actions)
+            return actions
+        auth_activity = new_id()
+        self.authorizations.put(auth_activity, (message, instance.conn))
+        self._send_to_security({"name": "authorize message", "id": new_id(), "activityId": auth_activity,
+                                "payload": message}, now, actions)
+        return actions
+
+    def _send_to_security(self, message: dict, now: float, actions: list) -> None:
+        target, reason = self.router.choose(SECURITY_ROLE, message["name"], None, None)
+        if target is None:
+            # The security role need not list the adapter's messages in its
+            # receives (it did not under Exocom 0.27): any live instance will do,
+            # never a held or failed one.
+            target = next((p.pick() for p in self.registry.pools.get(SECURITY_ROLE, ())
+                           if p.state == LIVE and p.instances), None)
+        if target is None:
+            actions.append(Log("warning", "message undeliverable", {
+                "name": message["name"], "role": SECURITY_ROLE, "reason": reason}))
+            return
+        self.router.send_to(target, message, now, actions)
+
+    def _verdict(self, instance: Instance, name: str, activity_id: Any, now: float, actions: list) -> None:
+        pending = self.authorizations.get(activity_id)
+        if pending is None:
+            actions.extend(self.budget.refusal(instance, now, "unknown_authorization",
+                                               "answer to an unknown or expired authorization", name=name))
+            return
+        self.authorizations.pop(activity_id)
+        original, sender_conn = pending
+        sender = self.registry.by_conn.get(sender_conn)
+        if sender is None:
+            return
+        if name == "message authorized":
+            self.router.route(sender, original, original["name"], now, actions)
+            return
+        actions.append(Log("warning", "message unauthorized", {
+            "role": sender.role, "name": original["name"], "activity_id": original.get("activityId")}))
+        self.router.send_to(sender, {"name": "message unauthorized", "id": new_id(),
+                                     "activityId": original.get("activityId"), "payload": original}, now, actions)
+
+    def _security_request(self, instance: Instance, message: dict, name: str, activity_id: Any, now: float,
+                          actions: list) -> None:
+        request = message.get("payload")
+        if not isinstance(request, dict) or not isinstance(request.get("name"), str):
+            actions.extend(self.budget.refusal(instance, now, "bad_security_request",
+                                               "'security request' needs a message object as payload", name=name))
+            return
+        for key in ("id", "activityId"):
+            if request.get(key).__class__ is not str:
+                request[key] = new_id()
+        request["isSecurity"] = True
+        self.security_requests.put(request["activityId"], activity_id)
+        self.router.route(instance, request, request["name"], now, actions, public=request["name"])
