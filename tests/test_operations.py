@@ -537,8 +537,13 @@ def test_compose_file_names_existing_scripts_and_waits_for_a_healthy_broker():
     broker = services["exocom"]
     assert "exocom-state:/var/lib/exocom" in broker["volumes"]
     assert "exocom-state" in stack["volumes"]
+    # Readiness gates the dependants: a broker that cannot write its ledger is alive, not ready.
+    assert broker_healthcheck(stack)[:2] == ["CMD", "python"]
+    assert "/readyz" in broker_healthcheck(stack)[-1] and "/healthz" not in broker_healthcheck(stack)[-1]
     for name, service in services.items():
         assert service["image"] == broker["image"], f"{name} does not use the broker's image"
+        # An init as PID 1 forwards SIGTERM: `docker compose down` need not wait 10 s and kill.
+        assert service.get("init") is True, f"{name} runs as PID 1 without an init"
         if name == "exocom":
             continue
         assert service["depends_on"]["exocom"] == {"condition": "service_healthy"}
@@ -557,6 +562,30 @@ def test_compose_file_names_existing_scripts_and_waits_for_a_healthy_broker():
         source = volume.split(":")[0]
         if source.startswith("."):
             assert (COMPOSE.parent / source).is_file(), f"the broker mounts {source}, which does not exist"
+
+
+def broker_healthcheck(stack: dict) -> list[str]:
+    return stack["services"]["exocom"]["healthcheck"]["test"]
+
+
+def run_broker_healthcheck(port: int) -> int:
+    """The compose file's health check of the broker, run here with the image's python."""
+    command = [sys.executable, *broker_healthcheck(compose())[2:]]
+    return subprocess.run(command, env=environment(EXOCOM_PORT=str(port)), capture_output=True, timeout=30).returncode
+
+
+def test_the_compose_broker_healthcheck_passes_only_while_the_broker_is_ready(broker):
+    assert run_broker_healthcheck(broker.port) == 0
+    state, moved = broker.state_dir, broker.state_dir.with_name("state.moved")
+    state.rename(moved)
+    try:
+        assert http_get(broker.http + "/healthz")[0] == 200  # alive ...
+        assert readyz(broker)[0] == 503  # ... not ready: the dependants must wait
+        assert run_broker_healthcheck(broker.port) != 0
+    finally:
+        moved.rename(state)
+    wait_ready(broker, 200)
+    assert run_broker_healthcheck(broker.port) == 0
 
 
 def test_the_compose_stack_runs_without_docker(tmp_path):
@@ -595,12 +624,10 @@ def test_the_compose_stack_runs_without_docker(tmp_path):
         return arg
 
     def healthy(name: str) -> bool:
-        if name == "exocom":  # the image's HEALTHCHECK
-            command, check_env = [sys.executable, *healthcheck_command()[1:]], environment(EXOCOM_PORT=str(port))
-        else:
-            test = services[name]["healthcheck"]["test"]
-            command, check_env = [local(arg) for arg in test[1:]], environment()
-        return subprocess.run(command, env=check_env, capture_output=True, timeout=30).returncode == 0
+        if name == "exocom":
+            return run_broker_healthcheck(port) == 0
+        command = [local(arg) for arg in services[name]["healthcheck"]["test"][1:]]
+        return subprocess.run(command, env=environment(), capture_output=True, timeout=30).returncode == 0
 
     def start_order() -> list[str]:
         order: list[str] = []

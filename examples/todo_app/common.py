@@ -2,10 +2,11 @@
 
 import argparse
 import os
+import signal
 
 import trio
 
-from exocom.logs import configure
+from exocom.logs import configure, get_logger
 from exocom.relay import open_relay
 
 
@@ -21,14 +22,24 @@ def parse_args(description: str, default_version: str | None = None, extra=None)
 
 
 def serve_forever(url: str, role: str, version: str | None, setup) -> None:
-    """Connect as `role`@`version` and serve until Ctrl-C (SIGINT), which
-    closes the connection cleanly. `setup(relay)` registers the handlers
-    before the relay connects."""
+    """Connect as `role`@`version` and serve until SIGTERM (`docker stop`) or
+    SIGINT (Ctrl-C), which close the connection cleanly and exit 0.
+    `setup(relay)` registers the handlers before the relay connects."""
     async def main():
-        async with open_relay(url, role, version, setup=setup):
-            await trio.sleep_forever()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stop_on_signal, nursery.cancel_scope)
+            async with open_relay(url, role, version, setup=setup):
+                await trio.sleep_forever()
 
-    try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        pass
+    trio.run(main)
+
+
+async def stop_on_signal(scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    # Without a handler, SIGTERM kills a process outright -- or does nothing
+    # to PID 1 in a container, which Docker then kills 10 s later.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            get_logger().info("service stopping", signal=signal.Signals(signum).name)
+            scope.cancel()
+            return

@@ -13,9 +13,9 @@ Routing: config/todo-app-v2.yml (role todos-v2-deployment).
 """
 
 import trio
-from common import parse_args
+from common import parse_args, serve_forever
 
-from exocom.relay import DeploymentScript, Relay, open_relay
+from exocom.relay import DeploymentScript, Relay
 
 SCRIPT_ROLE = "todos-v2-deployment"
 
@@ -64,17 +64,9 @@ def main():
                             help="seconds to wait after each batch (to watch a long migration; default 0)")
 
     args = parse_args(__doc__, extra=options)
-
-    async def run():
-        migration = Migration(args.batch_size, args.pause)
-        script = DeploymentScript("todos", "2.0.0", offline=migration.offline, online=migration.online)
-        async with open_relay(args.url, SCRIPT_ROLE, args.version, setup=script.attach):
-            await trio.sleep_forever()
-
-    try:
-        trio.run(run)
-    except KeyboardInterrupt:
-        pass
+    migration = Migration(args.batch_size, args.pause)
+    script = DeploymentScript("todos", "2.0.0", offline=migration.offline, online=migration.online)
+    serve_forever(args.url, SCRIPT_ROLE, args.version, script.attach)
 
 
 if __name__ == "__main__":

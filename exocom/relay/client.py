@@ -19,7 +19,8 @@ Errors a caller can act on are exceptions (all `RelayError`):
 `RequestTimeout` (no answer in time, or not connected in time), `RelayClosed`
 (the relay was closed), `RegistrationRefused` (the broker closed the
 connection with a code in 4000-4999: unknown role, invalid version, ...; the
-relay does not retry it). A message without a handler is logged, not fatal.
+relay does not retry it), `ConnectionLost` (a send bound to one connection
+with `session=` after that connection was lost). A message without a handler is logged, not fatal.
 
 The broker does not acknowledge a registration. The relay sends a WebSocket
 ping right after the registration frame: the broker handles frames in order,
@@ -60,6 +61,11 @@ class RequestTimeout(RelayError):
 
 class RelayClosed(RelayError):
     """The relay was closed; it sends and receives nothing any more."""
+
+
+class ConnectionLost(RelayError):
+    """The connection a send was bound to (`send(..., session=...)`) is gone;
+    nothing was sent. The peer's state of that connection went with it."""
 
 
 class RegistrationRefused(RelayError):
@@ -120,6 +126,8 @@ class Relay:
         self.connect_attempts = 0
         self.unhandled = 0
         self.session = 0
+        # The session whose WebSocket is open right now (None between two).
+        self._open_session: int | None = None
         # Why the last attempt to connect failed, for error messages.
         self.problem: str | None = None
         # Set when the relay stopped for good on a refusal.
@@ -192,11 +200,13 @@ class Relay:
         seconds, `RelayClosed`/`RelayError` if the relay stops meanwhile."""
         await self._connection(trio.current_time() + timeout, f"relay {self.role} to register")
 
-    async def _connection(self, deadline: float, what: str):
+    async def _connection(self, deadline: float, what: str, session: int | None = None):
         with trio.move_on_at(deadline):
             while True:
                 if self._closed:
                     raise self._stopped_error()
+                if session is not None and self._open_session != session:
+                    raise ConnectionLost(f"the connection to {self.url} that {what} was bound to is lost")
                 if self.online:
                     return self._ws
                 await self._changed.wait()
@@ -206,10 +216,13 @@ class Relay:
 
     async def send(self, name: str, payload: Any = None, *, version: str | None = None,
                    activity_id: str | None = None, response_to: str | None = None, auth: Any = None,
-                   is_security: bool | None = None, timeout: float = 10.0) -> str:
+                   is_security: bool | None = None, timeout: float = 10.0, session: int | None = None) -> str:
         """Send a message; returns its activity id. `version` is a requirement
         on the receiving role's version ("2", "2.1", "2.1.3"). While
-        disconnected it waits up to `timeout` seconds for the connection."""
+        disconnected it waits up to `timeout` seconds for the connection.
+        `session` (a `Message.session`) sends only on the connection that
+        message arrived on, and raises `ConnectionLost` once it is gone: for
+        answers that mean nothing to a later connection."""
         if self._closed:
             raise self._stopped_error()
         frame: dict[str, Any] = {"name": name, "sender": self.role, "id": new_id(),
@@ -225,7 +238,7 @@ class Relay:
         data = json.dumps(frame)
         deadline = trio.current_time() + timeout
         while True:
-            ws = await self._connection(deadline, f"a connection to send {name!r}")
+            ws = await self._connection(deadline, f"a connection to send {name!r}", session)
             try:
                 await ws.send_message(data)
                 return frame["activityId"]
@@ -368,7 +381,7 @@ class Relay:
         if self._closed:
             return None
         self.session += 1
-        session = self.session
+        session = self._open_session = self.session
         register = {"name": REGISTER, "sender": self.role, "id": new_id(), "activityId": new_id(),
                     "payload": {"clientName": self.role}}
         if self.version:
@@ -387,6 +400,7 @@ class Relay:
         except ConnectionClosed as e:
             close = e.reason
         finally:
+            self._open_session = None
             if self._ws is ws:
                 self._ws = None
             if self._online.is_set():
@@ -621,11 +635,15 @@ class DeploymentScript:
                         else:
                             outcome, payload = "done", None
                             log.info("deployment step done")
-                        if message.session != relay.session:
+                        try:
+                            # Only on the connection the start came on: the broker
+                            # forgot this run with it, and a later connection may
+                            # carry a new attempt of the step.
+                            await message.reply(self.message_name(step, outcome), payload, session=message.session)
+                        except ConnectionLost:
                             log.warning("deployment step not answered: the connection it started on was lost, "
                                         "the broker starts the step again", outcome=outcome)
                             return
-                        await message.reply(self.message_name(step, outcome), payload)
                 if scope.cancelled_caught:
                     log.warning("deployment step abandoned: the broker started a step again")
             finally:
