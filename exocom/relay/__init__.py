@@ -6,6 +6,7 @@ See `exocom.relay.client` for the whole story.
 """
 
 from .client import (
+    ConnectionLost,
     DeploymentScript,
     Message,
     RegistrationRefused,
@@ -17,6 +18,7 @@ from .client import (
 )
 
 __all__ = [
+    "ConnectionLost",
     "DeploymentScript",
     "Message",
     "RegistrationRefused",
