@@ -442,3 +442,13 @@ def test_only_the_script_may_answer():
     [start] = h.take(script)
     h.send(web, "deployment-todos-2.0.0-offline-done", activity=start["activityId"])
     assert h.broker.deployments_json()[0]["state"] == "held"
+
+
+def test_config_json_shows_the_security_roles_implicit_routes():
+    # Exocom 0.27 showed what the adapter lets `security` receive and send;
+    # before the fix /config.json had empty lists for it.
+    h = Harness({**ROUTES, "security": {"receives": ["session data"]}})
+    routes = h.broker.config_json()["routes"]
+    assert routes["security"]["receives"] == ["session data", "authorize message", "security response"]
+    assert sorted(routes["security"]["sends"]) == ["message authorized", "message unauthorized", "security request"]
+    assert routes["web"] == Harness(ROUTES).broker.config_json()["routes"]["web"]  # others untouched

@@ -31,7 +31,7 @@ from .registration import REGISTER, Registrations
 from .registry import Instance, Registry
 from .routes import RoutingTable
 from .routing import Router
-from .security import SECURITY_ANSWERS, SECURITY_ROLE, SecurityAdapter
+from .security import SECURITY_ANSWERS, SECURITY_ROLE, SecurityAdapter, with_implicit_routes
 from .stats import Stats
 from .versions import Version
 
@@ -189,7 +189,7 @@ class Broker:
         return self.deployer.deployment(role, version)
 
     def config_json(self) -> dict[str, Any]:
-        return {"clients": self.registry.clients(), "routes": self.config.to_service_data()}
+        return {"clients": self.registry.clients(), "routes": with_implicit_routes(self.config.to_service_data())}
 
     def deployments_json(self) -> list[dict[str, Any]]:
         return self.deployer.to_json()

@@ -24,6 +24,17 @@ SECURITY_ANSWERS = frozenset(("message authorized", "message unauthorized", "sec
 SECURITY_RECEIVES = ("authorize message", "security response")
 
 
+def with_implicit_routes(routes: dict) -> dict:
+    """The routes as `/config.json` shows them: the security role receives
+    and sends the adapter's messages without listing them, and Exocom 0.27
+    showed them in its routes."""
+    entry = routes.get(SECURITY_ROLE)
+    if entry is not None:
+        entry["receives"] = [*entry["receives"], *(n for n in SECURITY_RECEIVES if n not in entry["receives"])]
+        entry["sends"] = [*entry["sends"], *(n for n in sorted(SECURITY_ANSWERS) if n not in entry["sends"])]
+    return routes
+
+
 class SecurityAdapter:
     def __init__(self, router: Router, registry: Registry, budget: WarningBudget, *, ttl: float, now: float):
         self.router = router
