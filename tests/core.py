@@ -70,8 +70,8 @@ class Harness:
         self.frame(conn, message)
         return message
 
-    def disconnect(self, conn: int) -> None:
-        self.run(self.broker.disconnected(conn, self.now))
+    def disconnect(self, conn: int, unsent: list[bytes] = ()) -> None:
+        self.run(self.broker.disconnected(conn, self.now, list(unsent)))
 
     def tick(self, seconds: float) -> None:
         self.now += seconds

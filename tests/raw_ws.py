@@ -61,5 +61,24 @@ class RawClient:
                     elif isinstance(event, CloseConnection):
                         close_seen = True
 
+    async def receive_until_quiet(self, quiet: float = 0.5, timeout: float = 20.0) -> list[dict]:
+        """Read every message that arrives until none came for `quiet` seconds."""
+        messages, partial = [], ""
+        with trio.fail_after(timeout):
+            while True:
+                with trio.move_on_after(quiet):
+                    data = await self.stream.receive_some(1 << 20)
+                    if not data:
+                        return messages
+                    self.ws.receive_data(data)
+                    for event in self.ws.events():
+                        if isinstance(event, TextMessage):
+                            partial += event.data
+                            if event.message_finished:
+                                messages.append(json.loads(partial))
+                                partial = ""
+                    continue
+                return messages
+
     async def aclose(self) -> None:
         await self.stream.aclose()

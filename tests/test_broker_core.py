@@ -1,5 +1,7 @@
 """The broker core without sockets: routing, versions, refusals, deployments."""
 
+import json
+
 from core import Harness
 
 from exocom.core.actions import (CLOSE_ALREADY_REGISTERED, CLOSE_BAD_REGISTRATION, CLOSE_BAD_VERSION,
@@ -452,3 +454,66 @@ def test_config_json_shows_the_security_roles_implicit_routes():
     assert routes["security"]["receives"] == ["session data", "authorize message", "security response"]
     assert sorted(routes["security"]["sends"]) == ["message authorized", "message unauthorized", "security request"]
     assert routes["web"] == Harness(ROUTES).broker.config_json()["routes"]["web"]  # others untouched
+
+
+# ------------------------------------------------ a stuck instance (item 11)
+
+
+def test_a_congested_instance_is_passed_over_while_another_of_its_version_has_room():
+    h = Harness(ROUTES)
+    web, first, second = h.connect("web"), h.connect("users", "1.0.0"), h.connect("users", "1.0.0")
+    h.run(h.broker.outbox_congested(first, True))
+    assert "instance congested" in h.events("warning")
+    for _ in range(6):
+        h.send(web, "ping")
+    assert len(h.take(first)) == 0 and len(h.take(second)) == 6
+    h.run(h.broker.outbox_congested(second, True))  # all congested: round robin as before
+    for _ in range(4):
+        h.send(web, "ping")
+    assert len(h.take(first)) == 2 and len(h.take(second)) == 2
+    h.run(h.broker.outbox_congested(first, False))
+    assert "instance drained" in h.events("info")
+    for _ in range(3):
+        h.send(web, "ping")
+    assert len(h.take(first)) == 3 and not h.take(second)
+
+
+def test_frames_queued_for_an_instance_that_is_gone_go_to_another_of_its_version():
+    h = Harness(ROUTES)
+    web, a, b, newer = h.connect("web"), h.connect("users", "1.0.0"), h.connect("users", "1.0.0"), h.connect("users", "2.0.0")
+    for n in range(3):
+        h.send(web, "ping", {"n": n})
+    queued = [json.dumps(m).encode() for m in h.inbox.pop(newer)]
+    assert len(queued) == 3
+    h.disconnect(newer, queued)
+    # 2.0.0 had no other instance: nothing may go to 1.0.0 (the frames may have been pinned to "2")
+    assert not h.take(a) and not h.take(b)
+    assert h.broker.stats.outbox_dropped_frames == 3
+    lost = [log for log in h.logs if log.event == "queued frames lost"]
+    assert lost and lost[0].fields["lost"] == 3 and lost[0].fields["rerouted"] == 0
+
+    for n in range(3):
+        h.send(web, "ping", {"n": n}, activity="shared")
+    got_them, other = (a, b) if a in h.inbox else (b, a)
+    frames = [json.dumps(m).encode() for m in h.inbox.pop(got_them)]  # affinity: all went to one instance
+    assert len(frames) == 3
+    h.disconnect(got_them, frames)
+    assert [m["payload"] for m in h.take(other)] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert h.broker.stats.frames_rerouted == 3
+    assert "queued frames re-routed" in h.events("info")
+    # the activity now follows the instance that took its frames
+    h.send(web, "ping", activity="shared")
+    assert len(h.take(other)) == 1
+
+
+def test_the_brokers_own_messages_queued_for_a_gone_script_are_not_resent():
+    h = Harness({**ROUTES, "users-2-deployment": {"deploys": "users@2.0.0"}})
+    first, second = h.connect("users-2-deployment"), h.connect("users-2-deployment")
+    h.connect("users", "2.0.0")
+    started = first if first in h.inbox else second
+    starts = h.take(started)
+    assert [m["name"] for m in starts] == ["deployment-users-2.0.0-offline-start"]
+    h.disconnect(started, [json.dumps(m).encode() for m in starts])
+    # the deployer starts the step again itself: exactly one start, as a new attempt
+    again = h.take(first) + h.take(second)
+    assert [(m["name"], m["payload"]["attempt"]) for m in again] == [("deployment-users-2.0.0-offline-start", 2)]

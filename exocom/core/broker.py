@@ -77,7 +77,9 @@ class Broker:
         self.registrations.connected(conn, peer, now)
         return []
 
-    def disconnected(self, conn: int, now: float) -> list:
+    def disconnected(self, conn: int, now: float, unsent: list[bytes] = ()) -> list:
+        """`conn` closed; `unsent` are the frames delivered to it that never
+        reached its socket, to be re-routed."""
         if self.registrations.closed(conn):
             return []
         instance = self.registry.remove(conn)
@@ -87,8 +89,24 @@ class Broker:
             Log("info", "service deregistered", {"role": instance.role, "version": str(instance.version), "instance": instance.label})
         ]
         actions += self.budget.closed(instance)
+        if unsent:
+            self.router.reroute(instance, unsent, now, actions)
         self.deployer.deregistered(instance, now, actions)
         return actions
+
+    def outbox_congested(self, conn: int, congested: bool) -> list:
+        """The shell saw `conn`'s outbox pass its high-water mark (or drain
+        below the low-water mark again)."""
+        instance = self.registry.by_conn.get(conn)
+        if instance is None or instance.congested == congested:
+            return []
+        instance.congested = congested
+        fields = {"role": instance.role, "version": str(instance.version), "instance": instance.label}
+        if congested:
+            return [Log("warning", "instance congested", {**fields, "reason": (
+                "it reads slower than it is sent to; new messages go to other instances of its version while "
+                "they have room (activities it is part of and answers to it still reach it)")})]
+        return [Log("info", "instance drained", fields)]
 
     def frame_received(self, conn: int, data: str | bytes, now: float) -> list:
         instance = self.registry.by_conn.get(conn)

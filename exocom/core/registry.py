@@ -11,7 +11,8 @@ LIVE, HELD, FAILED = "live", "held", "failed"
 
 class Instance:
     __slots__ = ("conn", "role", "version", "profile", "peer", "pool", "metric_key",
-                 "warning_window_start", "warnings_logged", "warnings_suppressed", "tokens", "tokens_at")
+                 "warning_window_start", "warnings_logged", "warnings_suppressed", "tokens", "tokens_at",
+                 "congested")
 
     def __init__(self, conn: int, role: str, version: Version, profile: CompiledProfile, peer: str):
         self.conn = conn
@@ -26,6 +27,7 @@ class Instance:
         self.warnings_suppressed: dict[str, int] | None = None  # event -> count, while held back
         self.tokens = 0.0  # rate limit bucket; full at the first message
         self.tokens_at = float("-inf")
+        self.congested = False  # its outbox is above the high-water mark: others of its pool go first
 
     @property
     def label(self) -> str:
@@ -46,9 +48,20 @@ class VersionPool:
         self._next = 0
 
     def pick(self) -> Instance:
-        # Round robin spreads load evenly and is reproducible in tests.
-        self._next = (self._next + 1) % len(self.instances)
-        return self.instances[self._next]
+        """Round robin (even load, reproducible in tests), passing over
+        congested instances while another one has room: a stuck instance
+        must not get every other message until it is dropped."""
+        instances = self.instances
+        n = len(instances)
+        i = self._next = (self._next + 1) % n
+        instance = instances[i]
+        if instance.congested:
+            for k in range(1, n):
+                other = instances[(i + k) % n]
+                if not other.congested:
+                    self._next = (i + k) % n
+                    return other
+        return instance
 
 
 class Registry:

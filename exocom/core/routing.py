@@ -25,6 +25,7 @@ from .stats import Stats
 from .versions import InvalidRequirement, Requirement
 
 _dumps = orjson.dumps
+_loads = orjson.loads
 _OPT = orjson.OPT_UTC_Z
 _UTC = timezone.utc
 _fromtimestamp = datetime.fromtimestamp
@@ -207,3 +208,37 @@ class Router:
         message["timestamp"] = _fromtimestamp(now, _UTC)
         message.setdefault("sender", "exocom")
         actions.append(Deliver(target.conn, _dumps(message, option=_OPT)))
+
+    def reroute(self, gone: Instance, frames: list[bytes], now: float, actions: list) -> None:
+        """Frames that were queued for `gone` and never handed to its socket go
+        to another instance of the same role and version: they were routed by
+        the usual rules to that version (its version requirement is not in the
+        frame, so no other version is safe). The broker's own messages are
+        not re-sent: a deployment step or an authorization starts again by
+        itself."""
+        pool = self.registry.pool(gone.role, gone.version)
+        rerouted = own = 0
+        for data in frames:
+            message = _loads(data)
+            if message.get("sender") == "exocom":
+                own += 1
+                continue
+            if pool is None or not pool.instances:
+                continue
+            target = pool.pick()
+            actions.append(Deliver(target.conn, data))  # same version, same profile: the same frame
+            self.stats.delivered(target)
+            rerouted += 1
+            activity = self.activities.get(message.get("activityId"))
+            if activity is not None and abs(activity.get(gone.role, 0)) == gone.conn:
+                activity[gone.role] = -target.conn
+        lost = len(frames) - rerouted - own
+        self.stats.frames_rerouted += rerouted
+        self.stats.outbox_dropped_frames += lost + own
+        fields = {"role": gone.role, "version": str(gone.version), "instance": gone.label,
+                  "queued_frames": len(frames), "rerouted": rerouted, "lost": lost, "not_resent": own}
+        if lost:
+            actions.append(Log("warning", "queued frames lost", {
+                **fields, "reason": f"no other instance of {gone.role}@{gone.version} is connected"}))
+        else:
+            actions.append(Log("info", "queued frames re-routed", fields))

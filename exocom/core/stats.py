@@ -28,6 +28,7 @@ class Stats:
         self.registrations_refused: dict[int, int] = defaultdict(int)
         self.slow_consumers = 0
         self.outbox_dropped_frames = 0
+        self.frames_rerouted = 0
         self.frames_too_large = 0
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0

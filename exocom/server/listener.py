@@ -45,12 +45,24 @@ class Limits:
     max_frame_bytes: int = 1024 * 1024
     max_outbox_bytes: int = 8 * 1024 * 1024
 
+    @property
+    def outbox_high_water(self) -> int:
+        """Above this an instance is congested and others of its version go
+        first: well below the limit, so that a stuck instance stops getting
+        traffic long before it would be dropped with everything queued."""
+        return self.max_outbox_bytes // 8
+
+    @property
+    def outbox_low_water(self) -> int:
+        # Hysteresis: an instance at the mark does not flap in and out.
+        return self.max_outbox_bytes // 32
+
 
 class Peer:
     """One WebSocket connection: its stream and outbox."""
 
     __slots__ = ("id", "address", "stream", "outbox", "outbox_bytes", "wakeup", "closing", "close_sent",
-                 "cancel_scope")
+                 "cancel_scope", "congested", "unsent")
 
     def __init__(self, conn_id: int, address: str, stream: trio.abc.Stream):
         self.id = conn_id
@@ -62,6 +74,10 @@ class Peer:
         self.closing = False
         self.close_sent = False
         self.cancel_scope: trio.CancelScope | None = None
+        self.congested = False
+        # Messages delivered to it that will never reach its socket (it is
+        # closing or was dropped): re-routed by the core once it is gone.
+        self.unsent: list[bytes] = []
 
     def push(self, data: bytes) -> None:
         self.outbox.append(data)
@@ -101,11 +117,15 @@ class Server:
     def execute(self, actions: list) -> None:
         peers = self.peers
         max_outbox = self.limits.max_outbox_bytes
+        high_water = self.limits.outbox_high_water
         for action in actions:
             cls = action.__class__
             if cls is Deliver:
                 peer = peers.get(action.conn)
-                if peer is None or peer.closing:
+                if peer is None:
+                    continue
+                if peer.closing:
+                    peer.unsent.append(action.data)
                     continue
                 data = action.data
                 header = text_header(len(data))
@@ -121,6 +141,9 @@ class Server:
                 outbox.append(header)
                 outbox.append(data)
                 peer.outbox_bytes += size
+                if peer.outbox_bytes > high_water and not peer.congested:
+                    peer.congested = True
+                    self.execute(self.broker.outbox_congested(peer.id, True))
             elif cls is Log:
                 getattr(self.log, action.level)(action.event, **action.fields)
             elif cls is Close:
@@ -132,15 +155,17 @@ class Server:
 
     def _drop_slow_consumer(self, peer: Peer) -> None:
         instance = self.broker.registry.by_conn.get(peer.id)
+        queued = _messages_in(peer.outbox)
         self.log.warning(
             "slow consumer disconnected",
             instance=instance.label if instance else None, peer=peer.address,
-            outbox_bytes=peer.outbox_bytes, dropped_frames=len(peer.outbox) // 2,
-            reason=f"its outbox exceeded {self.limits.max_outbox_bytes} bytes; the frames queued for it are dropped",
+            outbox_bytes=peer.outbox_bytes, queued_frames=len(queued),
+            reason=f"its outbox exceeded {self.limits.max_outbox_bytes} bytes; the frames queued for it go to "
+                   "another instance of its version where one is connected",
         )
         peer.closing = True
         self.broker.stats.slow_consumers += 1
-        self.broker.stats.outbox_dropped_frames += len(peer.outbox) // 2
+        peer.unsent += queued
         peer.outbox.clear()
         peer.outbox_bytes = 0
         # Its writer is stuck on a socket nobody reads: abort the whole connection.
@@ -348,7 +373,7 @@ class Server:
             del self.peers[conn_id]
             if self._all_closed is not None and not self.peers:
                 self._all_closed.set()
-            self.execute(self.broker.disconnected(conn_id, time.time()))
+            self.execute(self.broker.disconnected(conn_id, time.time(), peer.unsent + _messages_in(peer.outbox)))
 
     async def _reader(self, peer: Peer, data: bytes) -> None:
         stream = peer.stream
@@ -418,3 +443,13 @@ class Server:
                     peer.cancel_scope.cancel()
                 return
             peer.outbox_bytes -= len(data)
+            if peer.congested and peer.outbox_bytes <= self.limits.outbox_low_water:
+                peer.congested = False
+                self.execute(self.broker.outbox_congested(peer.id, False))
+
+
+def _messages_in(outbox: list[bytes]) -> list[bytes]:
+    """The messages in an outbox, without their frame headers and without
+    control frames: a message is a JSON object (it starts with "{"), a frame
+    header or a control frame starts with its FIN bit set (0x8_)."""
+    return [data for data in outbox if data[:1] == b"{"]

@@ -50,8 +50,12 @@ def render(broker: Broker, outbox_bytes: int, connections_open: int) -> str:
            [(_labels(role=r, version=v), n) for (r, v), n in sorted(connections.items())])
     metric("exocom_connections_open", "gauge", "Open WebSocket connections, registered or not.", [("", connections_open)])
     metric("exocom_outbox_bytes", "gauge", "Bytes queued for all receivers, not yet written.", [("", outbox_bytes)])
-    metric("exocom_outbox_dropped_frames_total", "counter", "Frames dropped with slow consumers.",
+    metric("exocom_outbox_dropped_frames_total", "counter",
+           "Frames queued for a receiver that was dropped or closed, which no other instance of its version took.",
            [("", stats.outbox_dropped_frames)])
+    metric("exocom_frames_rerouted_total", "counter",
+           "Frames queued for a receiver that was dropped or closed, delivered to another instance of its version.",
+           [("", stats.frames_rerouted)])
     metric("exocom_slow_consumers_total", "counter", "Connections closed because their outbox was full.",
            [("", stats.slow_consumers)])
     metric("exocom_frames_too_large_total", "counter", "Connections closed for a frame above the size limit.",
