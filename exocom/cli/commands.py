@@ -21,11 +21,12 @@ from .. import __version__
 from ..core.broker import Broker
 from .check import check_config_command
 from ..core.config import ConfigError, load
-from ..server.ledger import FILE_NAME, LedgerError, SQLiteLedger
+from ..server.ledger import FILE_NAME, MARKER_NAME, LedgerError, SQLiteLedger, lost_ledger_error, move_aside, traces_of_a_lost_ledger
 from ..logs import LEVELS, configure, get_logger
 from ..server.listener import Limits, Server
+from ..server.state_lock import StateDirBusy, StateDirLock
 from .settings import DEFAULT_HOST, DEFAULT_PORT, default_state_dir, resolve_port
-from .status import status_command
+from .status import Unreachable, default_url, fetch, last_error, normalize_url, status_command
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exocom", description="Message broker for microservice fleets, with versioned deployments.")
@@ -53,13 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--step-timeout", type=float, default=300.0, help="time limit of a deployment step in seconds (default 300; per deployment: stepTimeout)")
     serve.add_argument("--grace-period", type=float, default=5.0, help="seconds to wait for connections to close on SIGTERM (default 5)")
 
-    deployments = sub.add_parser("deployments", help="list deployments from the ledger, or retry a failed one")
+    deployments = sub.add_parser("deployments", help="list deployments (from the running broker, else its ledger), "
+                                                     "retry a failed one, or reset a lost or damaged ledger")
     config_args(deployments)
-    deployments.add_argument("action", nargs="?", choices=("list", "retry"), default="list")
+    deployments.add_argument("action", nargs="?", choices=("list", "retry", "reset"), default="list")
     deployments.add_argument("target", nargs="?", metavar="ROLE@VERSION")
-    deployments.add_argument("--url", default=None, help="retry: the running broker to ask first (default "
+    deployments.add_argument("--url", default=None, help="the running broker to ask first (default "
                                                            "http://127.0.0.1:$EXOCOM_PORT, else $PORT, else 4100); "
-                                                           "list always reads the ledger")
+                                                           "list reads the ledger instead when --state-dir is given "
+                                                           "or no broker answers")
     deployments.add_argument("--json", action="store_true", help="print JSON")
 
     status = sub.add_parser("status", help="roles, versions, instances and deployments of a running broker "
@@ -107,9 +110,20 @@ def serve(args, environ) -> int:
         log.warning("configuration key ignored", problem=problem)
     state_dir = args.state_dir or default_state_dir(environ)
     try:
+        lock = StateDirLock.acquire(state_dir, "exocom serve")
+    except StateDirBusy as e:
+        return fail(f"{e}: stop that broker first, or give this one its own --state-dir")
+    except OSError as e:
+        return fail(f"cannot lock the state directory {state_dir}: {e}; pass a writable --state-dir or set "
+                    "EXOCOM_STATE_DIR")
+    try:
         ledger = SQLiteLedger.in_state_dir(state_dir)
         records = ledger.load()
-    except (LedgerError, OSError) as e:
+    except LedgerError as e:
+        lock.release()
+        return fail(str(e))
+    except OSError as e:
+        lock.release()
         return fail(f"{e}; pass a writable --state-dir or set EXOCOM_STATE_DIR")
     broker = Broker(config, ledger_records=records, step_timeout=args.step_timeout,
                     log_deliveries=args.log_level == "debug", max_messages_per_second=args.max_messages_per_second,
@@ -121,6 +135,7 @@ def serve(args, environ) -> int:
     async def run():
         async with trio.open_nursery() as nursery:
             def announce() -> None:
+                lock.announce_address(f"{args.host}:{server.port}")
                 log.info("broker listening", host=args.host, port=server.port, config_source=config.source,
                          roles=sorted(config.roles), deployments=[str(d) for _, d, _ in config.deployments()],
                          state_dir=str(Path(state_dir).resolve()), ledger_records=len(records), version=__version__)
@@ -141,7 +156,8 @@ def serve(args, environ) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        ledger.close()
+        server.ledger.close()
+        lock.release()
     if listen_error:
         e = listen_error[0]
         if e.errno == errno.EADDRINUSE:
@@ -167,30 +183,21 @@ def deployments_command(args, environ) -> int:
             print(f"exocom deployments retry: {e}; or pass --url", file=sys.stderr)
             return 2
         return retry(args, environ, url)
+    if args.action == "reset":
+        return reset(args, environ)
     config = _load_config("exocom deployments", args, environ)
     if config is None:
         return 2
-    state_dir = args.state_dir or default_state_dir(environ)
-    ledger_path = Path(state_dir) / FILE_NAME
-    if not ledger_path.exists():
-        # Not an error (no broker has run here yet), but never silent: a wrong
-        # --state-dir would otherwise show every deployment as pending.
-        print(f"exocom deployments: no ledger at {ledger_path}: nothing recorded yet; "
-              "is this the broker's --state-dir (or EXOCOM_STATE_DIR)?", file=sys.stderr)
-        records = []
-    else:
-        try:
-            ledger = SQLiteLedger.in_state_dir(state_dir, create=False)
-            records = ledger.load()
-            ledger.close()
-        except LedgerError as e:
-            print(f"exocom deployments: {e}", file=sys.stderr)
+    listing = None if args.state_dir else _ask_running_broker(args, environ)
+    if listing is None:
+        listing = _read_ledger(args.state_dir or default_state_dir(environ), config)
+        if listing is None:
             return 2
-    broker = Broker(config, ledger_records=records)
-    rows = broker.deployments_json()
+    rows, source = listing["deployments"], listing["source"]
     if args.json:
-        print(json.dumps({"deployments": rows, "unconfigured_records": broker.orphan_records}, indent=2))
+        print(json.dumps(listing, indent=2))
         return 0
+    print(source)
     if not rows:
         print("no deployments are configured")
         return 0
@@ -198,11 +205,92 @@ def deployments_command(args, environ) -> int:
     for row in rows:
         steps = {s["step"]: s for s in row["steps"]}
         cells = [f"{steps[n]['status']} ({steps[n]['attempts']}x)" for n in ("offline", "online")]
-        error = next((s["lastError"] for s in row["steps"] if s["lastError"]), "")
-        print(f"{row['role'] + '@' + row['version']:32} {row['deployedBy']:28} {row['state']:7} {cells[0]:16} {cells[1]:16} {error}")
-    if broker.orphan_records:
-        print(f"\n{len(broker.orphan_records)} ledger records belong to deployments this configuration does not "
+        print(f"{row['role'] + '@' + row['version']:32} {row['deployedBy']:28} {row['state']:7} {cells[0]:16} "
+              f"{cells[1]:16} {last_error(row)}")
+    orphans = listing.get("unconfigured_records")
+    if orphans:
+        print(f"\n{len(orphans)} ledger records belong to deployments this configuration does not "
               "declare (kept, not acted on): --json lists them")
+    return 0
+
+
+def _ask_running_broker(args, environ) -> dict | None:
+    """The deployments as the running broker has them, as `exocom status`
+    asks it; None when no broker answers (a note says so on stderr)."""
+    try:
+        url = normalize_url(args.url or default_url(environ))
+    except ConfigError:
+        return None  # a bad port variable: there is no broker to name; the ledger is read
+    try:
+        body = fetch(url, "/deployments")
+    except Unreachable as e:
+        print(f"exocom deployments: {e}; reading the ledger instead", file=sys.stderr)
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("deployments"), list):
+        print(f"exocom deployments: {url}/deployments is not an exocom broker's answer; reading the ledger instead",
+              file=sys.stderr)
+        return None
+    ledger = body.get("ledger")
+    return {"source": f"from the running broker at {url} (its ledger: {ledger or 'unknown'}; "
+                      "--state-dir reads a ledger file instead)",
+            "url": url, "ledger": ledger, "deployments": body["deployments"]}
+
+
+def _read_ledger(state_dir: str, config) -> dict | None:
+    ledger_path = Path(state_dir) / FILE_NAME
+    if not ledger_path.exists():
+        traces = traces_of_a_lost_ledger(ledger_path)
+        if traces:
+            print(f"exocom deployments: {lost_ledger_error(ledger_path, traces)}", file=sys.stderr)
+            return None
+        # Not an error (no broker has run here yet), but never silent: a wrong
+        # --state-dir would otherwise show every deployment as pending.
+        print(f"exocom deployments: no ledger at {ledger_path}: nothing recorded yet; "
+              "is this the broker's --state-dir (or EXOCOM_STATE_DIR)?", file=sys.stderr)
+        records = []
+    else:
+        try:
+            ledger = SQLiteLedger(ledger_path, create=False)
+            try:
+                records = ledger.load()
+            finally:
+                ledger.close()
+        except LedgerError as e:
+            print(f"exocom deployments: {e}", file=sys.stderr)
+            return None
+    broker = Broker(config, ledger_records=records)
+    return {"source": f"from the ledger {ledger_path.resolve()} (read directly, not from a running broker)",
+            "url": None, "ledger": str(ledger_path.resolve()), "deployments": broker.deployments_json(),
+            "unconfigured_records": broker.orphan_records}
+
+
+def reset(args, environ) -> int:
+    """Start over: move the ledger (damaged, or whose loss the state directory
+    shows) aside, so that the next `exocom serve` creates an empty one."""
+    state_dir = Path(args.state_dir or default_state_dir(environ))
+    if not state_dir.is_dir():
+        print(f"exocom deployments reset: no state directory at {state_dir}: nothing to reset "
+              "(pass the broker's --state-dir)", file=sys.stderr)
+        return 2
+    try:
+        lock = StateDirLock.acquire(state_dir, "exocom deployments reset")
+    except StateDirBusy as e:
+        print(f"exocom deployments reset: {e}: stop that broker first; nothing was moved", file=sys.stderr)
+        return 2
+    try:
+        suffix = f"reset-{time.strftime('%Y%m%dT%H%M%S')}"
+        moved = move_aside(state_dir / FILE_NAME, suffix)
+        marker = state_dir / MARKER_NAME
+        if marker.exists():
+            marker.rename(marker.with_name(f"{MARKER_NAME}.{suffix}"))
+            moved.append(f"{MARKER_NAME}.{suffix}")
+    finally:
+        lock.release()
+    if not moved:
+        print(f"nothing to reset in {state_dir}: there is no ledger")
+        return 0
+    print(f"moved aside in {state_dir}: {', '.join(moved)}. The next `exocom serve` starts with an empty ledger: "
+          "every deployment step runs again")
     return 0
 
 
@@ -251,6 +339,13 @@ def retry(args, environ, url: str) -> int:
         print(f"exocom deployments retry: {e}: nothing to re-arm (pass the broker's --state-dir)", file=sys.stderr)
         return 2
     try:
+        # A broker on this state directory that is not at `url` must not be written behind.
+        lock = StateDirLock.acquire(state_dir, "exocom deployments retry")
+    except (StateDirBusy, OSError) as e:
+        ledger.close()
+        print(f"exocom deployments retry: {e}; nothing re-armed: pass that broker's --url", file=sys.stderr)
+        return 1
+    try:
         broker = Broker(config, ledger_records=ledger.load())
         try:
             actions = broker.retry(role, version, time.time())
@@ -260,8 +355,12 @@ def retry(args, environ, url: str) -> int:
         for action in actions:
             if hasattr(action, "record"):
                 ledger.append(action.record)
+    except LedgerError as e:
+        print(f"exocom deployments retry: {e}", file=sys.stderr)
+        return 2
     finally:
         ledger.close()
+        lock.release()
     print(f"{args.target}: re-armed in the ledger; the broker is not running at {url}, it runs the step at its next start")
     return 0
 

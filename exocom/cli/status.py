@@ -147,6 +147,19 @@ def _progress(d: dict[str, Any], status: dict[str, Any]) -> str:
     return text
 
 
+def last_error(d: dict[str, Any]) -> str:
+    """The LAST ERROR cell: the error of the failed step; an error of a step
+    retried since then is history, and says so."""
+    errors = [s for s in d["steps"] if s.get("lastError")]
+    current = next((s for s in errors if s["status"] == "failed"), None)
+    if current is not None:
+        return current["lastError"]
+    if errors:
+        s = errors[-1]
+        return f"(before the retry, now {s['status']}) {s['step']}: {s['lastError']}"
+    return ""
+
+
 def render(status: dict[str, Any]) -> str:
     lines = []
     connected_roles = {c["role"] for c in status["clients"]}
@@ -167,8 +180,7 @@ def render(status: dict[str, Any]) -> str:
     if status["deployments"]:
         rows = [("DEPLOYMENT", "BY", "STATE", "PROGRESS", "LAST ERROR")]
         for d in status["deployments"]:
-            error = next((s["lastError"] for s in d["steps"] if s.get("lastError")), None) or ""
-            rows.append((f"{d['role']}@{d['version']}", d["deployedBy"], d["state"], _progress(d, status), error))
+            rows.append((f"{d['role']}@{d['version']}", d["deployedBy"], d["state"], _progress(d, status), last_error(d)))
         lines.extend(_table(rows))
     else:
         lines.append("no deployments are configured")

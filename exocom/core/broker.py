@@ -181,6 +181,14 @@ class Broker:
         """The ledger made `record` durable: now act on it."""
         return self.deployer.record_written(record, now)
 
+    def ledger_lost(self) -> None:
+        """The ledger file was deleted or replaced: start no step until `ledger_restored`."""
+        self.deployer.ledger_lost()
+
+    def ledger_restored(self, now: float) -> list:
+        """Every record is in a fresh ledger again: start what waited meanwhile."""
+        return self.deployer.ledger_restored(now)
+
     def retry(self, role: str, version: str, now: float) -> list:
         """Re-arm the failed steps of a deployment (operator action)."""
         return self.deployer.retry(role, version, now)
@@ -198,6 +206,11 @@ class Broker:
     @property
     def deployments(self) -> dict:
         return self.deployer.deployments
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every ledger record, in ledger order."""
+        return self.deployer.records
 
     @property
     def orphan_records(self) -> list[dict[str, Any]]:

@@ -40,7 +40,12 @@ class Deployer:
             for step in dep.STEPS:
                 for outcome in ("done", "failed"):
                     self.answers[dep.message_name(target, step, outcome)] = (d, step, outcome)
-        self.orphan_records = dep.replay(self.deployments, list(ledger_records))
+        # Every record written, in ledger order: the shell writes them to a
+        # fresh ledger when the file is deleted or replaced under the broker.
+        self.records: list[dict[str, Any]] = list(ledger_records)
+        self.orphan_records = dep.replay(self.deployments, self.records)
+        # False while the ledger is lost: no step starts until it is written again.
+        self.ledger_ok = True
 
     def script_targets(self) -> dict[str, Deploys]:
         """Deployment script role -> the version it deploys."""
@@ -110,6 +115,7 @@ class Deployer:
 
     def record_written(self, record: dict[str, Any], now: float) -> list:
         """The ledger made `record` durable: now act on it."""
+        self.records.append(record)
         d = self.deployment(record["role"], record["version"])
         if d is None:
             return []
@@ -133,6 +139,18 @@ class Deployer:
             actions.append(self._log("info", "deployment re-armed", d, step))
             self._set_state(d, actions)
         self._advance(d, now, actions)
+        return actions
+
+    def ledger_lost(self) -> None:
+        """The ledger file was deleted or replaced: start no step until `ledger_restored`."""
+        self.ledger_ok = False
+
+    def ledger_restored(self, now: float) -> list:
+        """`self.records` are in a fresh ledger: start what waited meanwhile."""
+        self.ledger_ok = True
+        actions: list = []
+        for d in self.deployments.values():
+            self._advance(d, now, actions)
         return actions
 
     def retry(self, role: str, version: str, now: float) -> list:
@@ -164,7 +182,7 @@ class Deployer:
 
     def _advance(self, d: dep.Deployment, now: float, actions: list) -> None:
         """Start the next step of `d` if it is due and can run now."""
-        if d.writing is not None or d.in_flight is not None:
+        if d.writing is not None or d.in_flight is not None or not self.ledger_ok:
             return
         step = d.next_step()
         if step is None:

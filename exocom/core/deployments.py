@@ -25,6 +25,7 @@ STEP_FAILED = "failed"
 
 # Ledger record events
 STEP_STARTED, STEP_DONE, STEP_FAILED_EVENT, STEP_REARMED = "started", "done", "failed", "rearmed"
+STEP_EVENTS = (STEP_STARTED, STEP_DONE, STEP_FAILED_EVENT, STEP_REARMED)
 
 
 Key = tuple[str, Version]

@@ -30,7 +30,7 @@ from wsproto.utilities import RemoteProtocolError as HandshakeError
 from ..core.actions import CLOSE_GOING_AWAY, CLOSE_TOO_LARGE, Close, Deliver, Log, WriteRecord
 from ..core.broker import Broker
 from .frames import BINARY, CLOSE, PING, PONG, TEXT, FrameDecoder, ProtocolError, close_frame, frame, parse_close, text_header
-from .ledger import Ledger, LedgerError
+from .ledger import Ledger, LedgerError, LedgerLost
 from ..logs import get_logger
 from .readiness import readiness
 from .metrics import render as render_metrics
@@ -38,6 +38,8 @@ from .metrics import render as render_metrics
 RECEIVE_SIZE = 65536
 HTTP_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
+# How often the ledger writer checks, when idle, that the ledger file is still there.
+LEDGER_WATCH_INTERVAL = 1.0
 
 
 @dataclass
@@ -104,6 +106,7 @@ class Server:
         self.peers: dict[int, Peer] = {}
         self._ids = itertools.count(1)
         self._ledger_send, self._ledger_receive = trio.open_memory_channel(math.inf)
+        self.ledger_problem: str | None = None  # why the ledger is being written again, while it is
         self.listeners: list[trio.SocketListener] = []
         # Cancelled to stop accepting connections (on SIGTERM); it also closes the listeners.
         self._accept_scope = trio.CancelScope()
@@ -208,19 +211,65 @@ class Server:
             self.execute(self.broker.tick(time.time()))
 
     async def _ledger_writer(self) -> None:
-        async for record in self._ledger_receive:
-            delay = 0.5
-            while True:
-                try:
-                    if self.ledger is not None:
-                        await trio.to_thread.run_sync(self.ledger.append, record)
-                    break
-                except LedgerError as e:
-                    self.log.error("ledger write failed", error=str(e), retry_in_s=delay,
-                                   hint="check the state directory's disk space and permissions")
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
-            self.execute(self.broker.record_written(record, time.time()))
+        """Writes records in order and, between them, watches that the ledger's
+        path still names the open file (see `_recover_lost_ledger`)."""
+        while True:
+            record = None
+            with trio.move_on_after(LEDGER_WATCH_INTERVAL):
+                record = await self._ledger_receive.receive()
+            if self.ledger is not None:
+                await self._write_durably(record)
+            if record is not None:
+                self.execute(self.broker.record_written(record, time.time()))
+
+    async def _write_durably(self, record: dict | None) -> None:
+        delay = 0.5
+        while True:
+            try:
+                if record is not None:
+                    await trio.to_thread.run_sync(self.ledger.append, record)
+                # Checked after the append: a record that went to a file no
+                # longer at the path would be lost at the next start.
+                await trio.to_thread.run_sync(self.ledger.check_path)
+                return
+            except LedgerLost as e:
+                await self._recover_lost_ledger(str(e))  # then the record goes to the fresh ledger
+            except LedgerError as e:
+                self._ledger_write_failed(str(e), delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _recover_lost_ledger(self, error: str) -> None:
+        """The ledger file was deleted or replaced under the broker. Every record
+        it acknowledged is in the core (`Broker.records`), so it writes them all
+        to a fresh ledger at the same path; no step starts meanwhile."""
+        path = self.ledger.path
+        self.ledger_problem = error
+        self.broker.ledger_lost()
+        self.log.error("ledger lost", path=str(path), error=error,
+                       hint="no deployment step starts until the broker has written the records it holds to a "
+                            "fresh ledger at the same path (whatever is there now is moved aside); find out what "
+                            "deleted or replaced the file")
+        # Closed first: on close SQLite removes its -wal/-shm files, which
+        # would otherwise be taken for the fresh ledger's.
+        await trio.to_thread.run_sync(self.ledger.close)
+        delay = 0.5
+        while True:
+            try:
+                records = list(self.broker.records)
+                self.ledger, moved_aside = await trio.to_thread.run_sync(self.ledger.recreate, records)
+                break
+            except (LedgerError, OSError) as e:
+                self._ledger_write_failed(str(e), delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        self.ledger_problem = None
+        self.log.warning("ledger rewritten", path=str(path), records=len(records), moved_aside=moved_aside)
+        self.execute(self.broker.ledger_restored(time.time()))
+
+    def _ledger_write_failed(self, error: str, retry_in_s: float) -> None:
+        self.log.error("ledger write failed", error=error, retry_in_s=retry_in_s,
+                       hint="check the state directory's disk space and permissions")
 
     async def _signals(self, nursery: trio.Nursery, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -312,7 +361,8 @@ class Server:
         if method == b"GET" and path == "/config.json":
             return 200, self.broker.config_json()
         if method == b"GET" and path == "/deployments":
-            return 200, {"deployments": self.broker.deployments_json()}
+            path = getattr(self.ledger, "path", None)
+            return 200, {"deployments": self.broker.deployments_json(), "ledger": str(path) if path else None}
         if method == b"POST" and path.startswith("/deployments/") and path.endswith("/retry"):
             target = path[len("/deployments/"):-len("/retry")]
             role, _, version = target.partition("@")

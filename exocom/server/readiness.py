@@ -23,7 +23,8 @@ HINTS = {
     "listening": "the broker stops accepting connections on SIGTERM; a new one is needed",
     "ledger": "check the state directory ($EXOCOM_STATE_DIR or --state-dir): it must exist, be writable "
               "by the broker's user, not be full or read-only, and not have been moved or replaced; "
-              "once fixed the broker is ready again (restart it if the ledger file was moved or replaced)",
+              "once fixed the broker is ready again; a ledger file deleted or replaced is written again from "
+              "the records the broker holds (log event `ledger rewritten`)",
 }
 
 
@@ -62,6 +63,9 @@ async def _ledger_check(server) -> dict[str, Any]:
                 "hint": "run the broker with `exocom serve`, which opens the ledger in its state directory"}
     path = getattr(ledger, "path", None)
     check = {"path": str(path)} if path is not None else {}
+    if server.ledger_problem is not None:
+        return {"ok": False, **check, "error": f"{server.ledger_problem}; the broker is writing the records it holds "
+                                                 "to a fresh ledger, no deployment step starts meanwhile"}
     # One check at a time: checks stuck on a lock must not pile up threads.
     if getattr(server, "_readyz_ledger_busy", False):
         return {"ok": False, **check, "error": "the previous ledger check has not finished yet "
