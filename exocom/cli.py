@@ -37,6 +37,26 @@ def default_state_dir(environ) -> str:
     return os.path.join(base, "exocom")
 
 
+def parse_port(text: str) -> int:
+    """A TCP port, 0-65535 (0: a free one). The OS would take 99999 modulo
+    65536 and listen where nobody looks."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{text!r} is not a port number (0-65535)")
+    return port
+
+
+def port_argument(text: str) -> int:
+    """argparse type of --port: a bad value is a usage error (exit 2)."""
+    try:
+        return parse_port(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def resolve_port(arg: int | None, environ) -> int:
     if arg is not None:
         return arg
@@ -44,12 +64,9 @@ def resolve_port(arg: int | None, environ) -> int:
         value = environ.get(key)
         if value:
             try:
-                port = int(value)
-            except ValueError:
-                raise ConfigError(f"{key}={value!r} is not a port number") from None
-            if not 0 <= port <= 65535:
-                raise ConfigError(f"{key}={value!r} is not a port number (0-65535)")
-            return port
+                return parse_port(value)
+            except ValueError as e:
+                raise ConfigError(f"{key}={e}") from None
     return DEFAULT_PORT
 
 
@@ -65,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the broker")
     config_args(serve)
     serve.add_argument("--host", default=os.environ.get("EXOCOM_HOST", DEFAULT_HOST), help=f"address to listen on (default {DEFAULT_HOST}, env EXOCOM_HOST)")
-    serve.add_argument("--port", type=int, help=f"port (default: $EXOCOM_PORT, else $PORT, else {DEFAULT_PORT})")
+    serve.add_argument("--port", type=port_argument, help=f"port (default: $EXOCOM_PORT, else $PORT, else {DEFAULT_PORT})")
     serve.add_argument("--log-format", choices=("json", "console"), help="default: console on a terminal, JSON lines otherwise")
     serve.add_argument("--log-level", choices=LEVELS, default=os.environ.get("EXOCOM_LOG_LEVEL", "info"),
                        help="debug logs every delivery; info (default) registrations and deployments; warning refusals only")

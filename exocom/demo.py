@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .cli import port_argument  # the same port rules as `exocom serve`
+
 TODOS = ("buy milk", "walk the dog", "water the plants")
 ADDED_DURING_MIGRATION = "call mum"
 ADDED_AFTER = "book the dentist"
@@ -434,7 +436,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=None, help="port of the broker (default: a free one)")
+    parser.add_argument("--port", type=port_argument, default=None, help="port of the broker (default: a free one)")
     parser.add_argument("--root", default=None, help="the source checkout with examples/ and config/")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases, ledger)")
     parser.add_argument("--skip-v2", action="store_true", help="stop after part 1 (todo-search)")
