@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
 import urllib.request
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
-from structlog.testing import capture_logs
 from trio_websocket import ConnectionClosed, serve_websocket
 
+from exocom.logs import FIELDS_ATTRIBUTE
 from exocom.relay import (DeploymentScript, Message, RegistrationRefused, RelayClosed, RelayError, RequestTimeout,
                           open_relay)
 from fleet import wait_until
@@ -31,6 +32,23 @@ ROUTES = {
     "todos-deployment": {"deploys": "todos@2.0.0", "sends": ["todos.list"], "receives": ["todos.listing"]},
 }
 FAST = {"min_backoff": 0.01, "max_backoff": 0.1}
+
+
+@contextlib.contextmanager
+def relay_events():
+    """The relay's log events, as the host program's `logging` receives them."""
+    events: list[dict] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            events.append({**getattr(record, FIELDS_ATTRIBUTE), "log_level": record.levelname.lower()})
+
+    handler, logger = Collect(), logging.getLogger("exocom.relay")
+    logger.addHandler(handler)
+    try:
+        yield events
+    finally:
+        logger.removeHandler(handler)
 
 
 def http_get(port: int, path: str):
@@ -174,7 +192,7 @@ async def test_a_refused_registration_raises_relay_error_with_the_reason(role, v
 
 async def test_a_message_without_handler_is_logged_and_the_relay_keeps_working():
     async with running_broker(ROUTES) as broker:
-        with capture_logs() as logs:
+        with relay_events() as logs:
             async with open_relay(broker.url, "todos", "1.0.0") as todos, open_relay(broker.url, "web") as web:
                 @todos.handler("todos.create")
                 async def create(message):
@@ -190,7 +208,7 @@ async def test_a_message_without_handler_is_logged_and_the_relay_keeps_working()
 
 async def test_a_failing_handler_is_logged_and_the_relay_keeps_working():
     async with running_broker(ROUTES) as broker:
-        with capture_logs() as logs:
+        with relay_events() as logs:
             async with open_relay(broker.url, "todos", "1.0.0") as todos, open_relay(broker.url, "web") as web:
                 @todos.handler("todos.create")
                 async def create(message):
