@@ -19,10 +19,10 @@ import trio
 
 from . import __version__
 from .broker import Broker
-from .check import check_config_command
-from .config import ConfigError, load
+from .check import InvalidConfig, check_config_command, load_checked
+from .config import ConfigError, load, parse_deployment
 from .ledger import FILE_NAME, LedgerError, SQLiteLedger
-from .logs import LEVELS, configure, get_logger
+from .logs import LEVELS, configure, get_logger, silence
 from .server import Limits, Server
 from .status import status_command
 
@@ -70,14 +70,24 @@ def resolve_port(arg: int | None, environ) -> int:
     return DEFAULT_PORT
 
 
+def deployment_argument(text: str) -> str:
+    """argparse type of ROLE@VERSION: a malformed one is a usage error (exit 2)."""
+    try:
+        return str(parse_deployment(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exocom", description="Message broker for microservice fleets, with versioned deployments.")
     parser.add_argument("--version", action="version", version=f"exocom {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def config_args(p):
-        p.add_argument("--config", metavar="FILE", help="routing file (YAML or JSON); default: $SERVICE_DATA, else the embedded default")
-        p.add_argument("--state-dir", metavar="DIR", help="where the ledger lives (default: $EXOCOM_STATE_DIR, else ~/.local/state/exocom)")
+    def config_args(p, default=None):
+        p.add_argument("--config", metavar="FILE", default=default,
+                       help="routing file (YAML or JSON); default: $SERVICE_DATA, else the embedded default")
+        p.add_argument("--state-dir", metavar="DIR", default=default,
+                       help="where the ledger lives (default: $EXOCOM_STATE_DIR, else ~/.local/state/exocom)")
 
     serve = sub.add_parser("serve", help="run the broker")
     config_args(serve)
@@ -96,14 +106,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--step-timeout", type=float, default=300.0, help="time limit of a deployment step in seconds (default 300; per deployment: stepTimeout)")
     serve.add_argument("--grace-period", type=float, default=5.0, help="seconds to wait for connections to close on SIGTERM (default 5)")
 
-    deployments = sub.add_parser("deployments", help="list deployments from the ledger, or retry a failed one")
+    deployments = sub.add_parser("deployments", help="list deployments from the ledger, or retry a failed one",
+                                 description="Without a subcommand: list.")
     config_args(deployments)
-    deployments.add_argument("action", nargs="?", choices=("list", "retry"), default="list")
-    deployments.add_argument("target", nargs="?", metavar="ROLE@VERSION")
-    deployments.add_argument("--url", default=None, help="retry: the running broker to ask first (default "
-                                                           "http://127.0.0.1:$EXOCOM_PORT, else $PORT, else 4100); "
-                                                           "list always reads the ledger")
     deployments.add_argument("--json", action="store_true", help="print JSON")
+    deployments.set_defaults(action="list", target=None, url=None)
+    actions = deployments.add_subparsers(dest="action", metavar="{list,retry}")
+    # Options given after the subcommand: SUPPRESS keeps them from erasing the
+    # same options given before it (`deployments --state-dir X list`).
+    listing = actions.add_parser("list", help="every configured deployment and its steps, from the ledger "
+                                              "(also while the broker is down)",
+                                 description="Every configured deployment and its steps, read from the ledger.")
+    listing.add_argument("target", nargs="?", metavar="ROLE[@VERSION]",
+                         type=lambda text: deployment_argument(text) if "@" in text else text,
+                         help="only the deployments of this role (and version)")
+    config_args(listing, argparse.SUPPRESS)
+    listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    retry_parser = actions.add_parser(
+        "retry", help="re-arm the failed step of a deployment",
+        description="Re-arm the failed step of a deployment: on the running broker at --url if one answers "
+                    "(the step starts again at once), else in the ledger (it runs at the broker's next start).")
+    retry_parser.add_argument("target", metavar="ROLE@VERSION", type=deployment_argument,
+                              help="the deployment, as in its script's `deploys`, e.g. todo-search@0.0.1")
+    retry_parser.add_argument("--url", default=None, help="the running broker to ask first (default "
+                                                          "http://127.0.0.1:$EXOCOM_PORT, else $PORT, else 4100)")
+    config_args(retry_parser, argparse.SUPPRESS)
 
     status = sub.add_parser("status", help="roles, versions, instances and deployments of a running broker "
                                            "(exit 1: a version held or failed, 2: no broker answers)")
@@ -120,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _command(argv)
+    except BrokenPipeError:
+        # `exocom deployments --json | head`: the reader has what it wanted;
+        # end quietly, as a tool killed by SIGPIPE would (serve keeps serving).
+        silence(sys.stdout)
+        return 1
+
+
+def _command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args, os.environ)
@@ -133,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     return deployments_command(args, os.environ)
 
 
-def fail(message: str, code: int = 2) -> int:
-    get_logger().error("exocom cannot start", error=message)
+def fail(message: str, code: int = 2, **fields) -> int:
+    get_logger().error("exocom cannot start", error=message, **fields)
     return code
 
 
@@ -142,12 +179,14 @@ def serve(args, environ) -> int:
     configure(args.log_format, args.log_level)
     log = get_logger()
     try:
-        config = load(args.config, environ)
+        config, warnings = load_checked(args.config, environ)
         port = resolve_port(args.port, environ)
+    except InvalidConfig as e:
+        return fail(f"invalid configuration: {e}", **({"problems": e.lines} if len(e.lines) > 1 else {}))
     except ConfigError as e:
         return fail(f"invalid configuration: {e}")
-    for problem in config.unknown_keys:
-        log.warning("configuration key ignored", problem=problem)
+    for problem in warnings:
+        log.warning("configuration warning", problem=problem)
     state_dir = args.state_dir or default_state_dir(environ)
     try:
         ledger = SQLiteLedger.in_state_dir(state_dir)
@@ -201,9 +240,6 @@ def serve(args, environ) -> int:
 
 def deployments_command(args, environ) -> int:
     if args.action == "retry":
-        if not args.target or "@" not in args.target:
-            print("exocom deployments retry: name the deployment as ROLE@VERSION", file=sys.stderr)
-            return 2
         try:
             url = args.url or f"http://127.0.0.1:{resolve_port(None, environ)}"
         except ConfigError as e:
@@ -231,6 +267,13 @@ def deployments_command(args, environ) -> int:
             return 2
     broker = Broker(config, ledger_records=records)
     rows = broker.deployments_json()
+    if args.target:
+        rows = [row for row in rows if _names(row, args.target)]
+        if not rows:
+            print(f"exocom deployments list: no deployment of {args.target} is configured; configured: "
+                  f"{', '.join(r['role'] + '@' + r['version'] for r in broker.deployments_json()) or 'none'}",
+                  file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps({"deployments": rows, "unconfigured_records": broker.orphan_records}, indent=2))
         return 0
@@ -247,6 +290,11 @@ def deployments_command(args, environ) -> int:
         print(f"\n{len(broker.orphan_records)} ledger records belong to deployments this configuration does not "
               "declare (kept, not acted on): --json lists them")
     return 0
+
+
+def _names(row: dict, target: str) -> bool:
+    role, at, version = target.partition("@")
+    return row["role"] == role and (not at or row["version"] == version)
 
 
 def _load_config(command: str, args, environ):

@@ -89,7 +89,7 @@ class _Output:
                 if lost is sys.__stderr__:
                     return
                 self.stream = sys.__stderr__
-                _silence(lost)
+                silence(lost)
                 problem = f"{type(e).__name__}: {e}"
         get_logger().warning("log output closed: logging to stderr", error=problem)
         self.write_line(line)
@@ -98,7 +98,7 @@ class _Output:
     msg = debug = info = warning = error = critical = exception = write_line
 
 
-def _silence(stream) -> None:
+def silence(stream) -> None:
     """Point a dead stream's file descriptor at /dev/null, so that the
     interpreter's flush at exit (and any later print) does not fail on it."""
     try:
