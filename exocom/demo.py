@@ -360,7 +360,8 @@ class Demo:
             raise DemoError(f"search did not find the old todos: {found}, {titles}")
         self.say(f"search finds the old todos: {', '.join(titles)}")
         self.stop("todo-search-deployment")
-        self.say("the deployment script exited: its deployment is finished (the ledger says so)")
+        self.say("the demo stopped the deployment script (Ctrl-C): its work is done, "
+                 "the ledger records the deployment as finished")
 
     def part_two(self) -> None:
         self.heading("Part 2: todos 2.0.0 with a new schema, next to todos 1.0.0 (config/todo-app-v2.yml)")
@@ -461,7 +462,11 @@ def main(args) -> int:
         if not args.skip_v2:
             demo.part_two()
         demo.finish()
-        print("\nDone: both deployments finished; nothing was lost on the way.")
+        if args.skip_v2:
+            print("\nDone: the todo-search 0.0.1 deployment finished; part 2 (todos 2.0.0) was skipped "
+                  "(--skip-v2); nothing was lost on the way.")
+        else:
+            print("\nDone: both deployments (todo-search 0.0.1, todos 2.0.0) finished; nothing was lost on the way.")
     except DemoError as e:
         print(f"\nexocom demo failed: {e}", file=sys.stderr)
         keep, code = True, 1
