@@ -4,6 +4,7 @@ broker keeps serving and logs to stderr from then on (docs/OPERATING.md)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 
@@ -66,3 +67,17 @@ async def test_the_broker_keeps_serving_and_logs_to_stderr_when_its_stdout_is_cl
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def test_a_one_shot_command_ends_quietly_with_exit_1_when_its_reader_is_gone(tmp_path):
+    # `exocom deployments --json | head -c 10`: no reader left at all (the read
+    # end is closed before the command starts), so its first write fails.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([*EXOCOM, "deployments", "--json", "--state-dir", str(tmp_path)], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, env=environment(), timeout=30)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
