@@ -5,7 +5,9 @@ HTTP helpers for the broker's endpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 import urllib.error
 import urllib.request
@@ -15,6 +17,7 @@ from typing import Any, Callable
 
 import trio
 
+from exocom.logs import FIELDS_ATTRIBUTE
 from exocom.relay import DeploymentScript, Message, Relay, open_relay
 
 NEW = "2.0.0"
@@ -181,3 +184,20 @@ async def wait_deployment(port: int, condition, what: str, timeout: float = 5.0)
         d = await deployment(port)
         return d if condition(d) else None
     return await wait_until(check, what, timeout)
+
+
+@contextlib.contextmanager
+def relay_events():
+    """The relay's log events, as the host program's `logging` receives them."""
+    events: list[dict] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            events.append({**getattr(record, FIELDS_ATTRIBUTE), "log_level": record.levelname.lower()})
+
+    handler, logger = Collect(), logging.getLogger("exocom.relay")
+    logger.addHandler(handler)
+    try:
+        yield events
+    finally:
+        logger.removeHandler(handler)

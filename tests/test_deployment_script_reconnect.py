@@ -13,10 +13,9 @@ import json
 from contextlib import asynccontextmanager
 
 import trio
-from structlog.testing import capture_logs
 
 from fleet import (NEW, OLD, ScriptLog, deployment, deployment_script, routes, steps, todos, wait_deployment,
-                   wait_until)
+                   relay_events, wait_until)
 from processes import BrokerProcess
 
 
@@ -100,7 +99,7 @@ async def test_a_step_that_ends_while_disconnected_is_not_answered_on_the_next_c
 
     log = ScriptLog()
     async with broker_and_proxy(tmp_path) as (broker, proxy), todos(broker.url, OLD, []):
-        with capture_logs() as script_events:
+        with relay_events() as script_events:
             async with deployment_script(proxy.url, log, offline=offline) as script:
                 async with todos(broker.url, NEW, []):
                     with trio.fail_after(5):

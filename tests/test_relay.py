@@ -12,12 +12,11 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
-from structlog.testing import capture_logs
 from trio_websocket import ConnectionClosed, serve_websocket
 
 from exocom.relay import (DeploymentScript, Message, RegistrationRefused, RelayClosed, RelayError, RequestTimeout,
                           open_relay)
-from fleet import wait_until
+from fleet import relay_events, wait_until
 from processes import BrokerProcess
 from wire import running_broker
 
@@ -174,7 +173,7 @@ async def test_a_refused_registration_raises_relay_error_with_the_reason(role, v
 
 async def test_a_message_without_handler_is_logged_and_the_relay_keeps_working():
     async with running_broker(ROUTES) as broker:
-        with capture_logs() as logs:
+        with relay_events() as logs:
             async with open_relay(broker.url, "todos", "1.0.0") as todos, open_relay(broker.url, "web") as web:
                 @todos.handler("todos.create")
                 async def create(message):
@@ -190,7 +189,7 @@ async def test_a_message_without_handler_is_logged_and_the_relay_keeps_working()
 
 async def test_a_failing_handler_is_logged_and_the_relay_keeps_working():
     async with running_broker(ROUTES) as broker:
-        with capture_logs() as logs:
+        with relay_events() as logs:
             async with open_relay(broker.url, "todos", "1.0.0") as todos, open_relay(broker.url, "web") as web:
                 @todos.handler("todos.create")
                 async def create(message):

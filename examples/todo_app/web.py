@@ -40,7 +40,7 @@ def main():
     parser.add_argument("--pin", metavar="VERSION",
                         help='version requirement of the receiving service: "1" (any 1.x.y), "1.2" or "1.2.3"')
     args = parser.parse_args()
-    configure(None, "warning")
+    configure(None, "warning", stream=sys.stderr)  # stdout carries the answers (`web.py list | jq`)
     try:
         trio.run(run, args.url, args.command, args.text, args.timeout, args.pin)
     except RelayError as e:

@@ -19,28 +19,39 @@ import trio
 
 from .. import __version__
 from ..core.broker import Broker
-from .check import check_config_command
-from ..core.config import ConfigError, load
+from ..core.config import ConfigError, load, parse_deployment
+from ..logs import LEVELS, configure, get_logger, silence
 from ..server.ledger import FILE_NAME, MARKER_NAME, LedgerError, SQLiteLedger, lost_ledger_error, move_aside, traces_of_a_lost_ledger
-from ..logs import LEVELS, configure, get_logger
 from ..server.listener import Limits, Server
 from ..server.state_lock import StateDirBusy, StateDirLock
-from .settings import DEFAULT_HOST, DEFAULT_PORT, default_state_dir, resolve_port
+from .check import InvalidConfig, check_config_command, load_checked
+from .settings import DEFAULT_HOST, DEFAULT_PORT, default_state_dir, port_argument, resolve_port
 from .status import Unreachable, default_url, fetch, last_error, normalize_url, status_command
+
+
+def deployment_argument(text: str) -> str:
+    """argparse type of ROLE@VERSION: a malformed one is a usage error (exit 2)."""
+    try:
+        return str(parse_deployment(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exocom", description="Message broker for microservice fleets, with versioned deployments.")
     parser.add_argument("--version", action="version", version=f"exocom {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def config_args(p):
-        p.add_argument("--config", metavar="FILE", help="routing file (YAML or JSON); default: $SERVICE_DATA, else the embedded default")
-        p.add_argument("--state-dir", metavar="DIR", help="where the ledger lives (default: $EXOCOM_STATE_DIR, else ~/.local/state/exocom)")
+    def config_args(p, default=None):
+        p.add_argument("--config", metavar="FILE", default=default,
+                       help="routing file (YAML or JSON); default: $SERVICE_DATA, else the embedded default")
+        p.add_argument("--state-dir", metavar="DIR", default=default,
+                       help="where the ledger lives (default: $EXOCOM_STATE_DIR, else ~/.local/state/exocom)")
 
     serve = sub.add_parser("serve", help="run the broker")
     config_args(serve)
     serve.add_argument("--host", default=os.environ.get("EXOCOM_HOST", DEFAULT_HOST), help=f"address to listen on (default {DEFAULT_HOST}, env EXOCOM_HOST)")
-    serve.add_argument("--port", type=int, help=f"port (default: $EXOCOM_PORT, else $PORT, else {DEFAULT_PORT})")
+    serve.add_argument("--port", type=port_argument, help=f"port (default: $EXOCOM_PORT, else $PORT, else {DEFAULT_PORT})")
     serve.add_argument("--log-format", choices=("json", "console"), help="default: console on a terminal, JSON lines otherwise")
     serve.add_argument("--log-level", choices=LEVELS, default=os.environ.get("EXOCOM_LOG_LEVEL", "info"),
                        help="debug logs every delivery; info (default) registrations and deployments; warning refusals only")
@@ -55,15 +66,44 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace-period", type=float, default=5.0, help="seconds to wait for connections to close on SIGTERM (default 5)")
 
     deployments = sub.add_parser("deployments", help="list deployments (from the running broker, else its ledger), "
-                                                     "retry a failed one, or reset a lost or damaged ledger")
+                                                     "retry a failed one, or reset a lost or damaged ledger",
+                                 description="Without a subcommand: list.")
     config_args(deployments)
-    deployments.add_argument("action", nargs="?", choices=("list", "retry", "reset"), default="list")
-    deployments.add_argument("target", nargs="?", metavar="ROLE@VERSION")
     deployments.add_argument("--url", default=None, help="the running broker to ask first (default "
                                                            "http://127.0.0.1:$EXOCOM_PORT, else $PORT, else 4100); "
                                                            "list reads the ledger instead when --state-dir is given "
                                                            "or no broker answers")
     deployments.add_argument("--json", action="store_true", help="print JSON")
+    deployments.set_defaults(action="list", target=None)
+    actions = deployments.add_subparsers(dest="action", metavar="{list,retry,reset}")
+    # Options given after the subcommand: SUPPRESS keeps them from erasing the
+    # same options given before it (`deployments --state-dir X list`).
+    listing = actions.add_parser("list", help="every configured deployment and its steps, from the running broker, "
+                                              "else from the ledger (also while the broker is down)",
+                                 description="Every configured deployment and its steps: asked of the running broker "
+                                             "at --url, else read from the ledger in --state-dir (which also skips "
+                                             "asking the broker).")
+    listing.add_argument("target", nargs="?", metavar="ROLE[@VERSION]",
+                         type=lambda text: deployment_argument(text) if "@" in text else text,
+                         help="only the deployments of this role (and version)")
+    config_args(listing, argparse.SUPPRESS)
+    listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    listing.add_argument("--url", default=argparse.SUPPRESS, help="the running broker to ask")
+    retry_parser = actions.add_parser(
+        "retry", help="re-arm the failed step of a deployment",
+        description="Re-arm the failed step of a deployment: on the running broker at --url if one answers "
+                    "(the step starts again at once), else in the ledger (it runs at the broker's next start).")
+    retry_parser.add_argument("target", metavar="ROLE@VERSION", type=deployment_argument,
+                              help="the deployment, as in its script's `deploys`, e.g. todo-search@0.0.1")
+    retry_parser.add_argument("--url", default=argparse.SUPPRESS, help="the running broker to ask first (default "
+                                                          "http://127.0.0.1:$EXOCOM_PORT, else $PORT, else 4100)")
+    config_args(retry_parser, argparse.SUPPRESS)
+    reset_parser = actions.add_parser(
+        "reset", help="start over: move the ledger aside (the broker must be stopped)",
+        description="Move the ledger, its -wal/-shm files and ledger.created aside as NAME.reset-TIMESTAMP, so "
+                    "that the next `exocom serve` starts with an empty ledger and every deployment step runs again. "
+                    "Refuses while a broker uses the state directory.")
+    config_args(reset_parser, argparse.SUPPRESS)
 
     status = sub.add_parser("status", help="roles, versions, instances and deployments of a running broker "
                                            "(exit 1: a version held or failed, 2: no broker answers)")
@@ -80,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _command(argv)
+    except BrokenPipeError:
+        # `exocom deployments --json | head`: the reader has what it wanted;
+        # end quietly, as a tool killed by SIGPIPE would (serve keeps serving).
+        silence(sys.stdout)
+        return 1
+
+
+def _command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args, os.environ)
@@ -93,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     return deployments_command(args, os.environ)
 
 
-def fail(message: str, code: int = 2) -> int:
-    get_logger().error("exocom cannot start", error=message)
+def fail(message: str, code: int = 2, **fields) -> int:
+    get_logger().error("exocom cannot start", error=message, **fields)
     return code
 
 
@@ -102,12 +152,14 @@ def serve(args, environ) -> int:
     configure(args.log_format, args.log_level)
     log = get_logger()
     try:
-        config = load(args.config, environ)
+        config, warnings = load_checked(args.config, environ)
         port = resolve_port(args.port, environ)
+    except InvalidConfig as e:
+        return fail(f"invalid configuration: {e}", **({"problems": e.lines} if len(e.lines) > 1 else {}))
     except ConfigError as e:
         return fail(f"invalid configuration: {e}")
-    for problem in config.unknown_keys:
-        log.warning("configuration key ignored", problem=problem)
+    for problem in warnings:
+        log.warning("configuration warning", problem=problem)
     state_dir = args.state_dir or default_state_dir(environ)
     try:
         lock = StateDirLock.acquire(state_dir, "exocom serve")
@@ -174,9 +226,6 @@ def serve(args, environ) -> int:
 
 def deployments_command(args, environ) -> int:
     if args.action == "retry":
-        if not args.target or "@" not in args.target:
-            print("exocom deployments retry: name the deployment as ROLE@VERSION", file=sys.stderr)
-            return 2
         try:
             url = args.url or f"http://127.0.0.1:{resolve_port(None, environ)}"
         except ConfigError as e:
@@ -194,6 +243,14 @@ def deployments_command(args, environ) -> int:
         if listing is None:
             return 2
     rows, source = listing["deployments"], listing["source"]
+    if args.target:
+        rows = [row for row in rows if _names(row, args.target)]
+        if not rows:
+            print(f"exocom deployments list: no deployment of {args.target} is configured; configured: "
+                  f"{', '.join(r['role'] + '@' + r['version'] for r in listing['deployments']) or 'none'}",
+                  file=sys.stderr)
+            return 1
+        listing = {**listing, "deployments": rows}
     if args.json:
         print(json.dumps(listing, indent=2))
         return 0
@@ -292,6 +349,11 @@ def reset(args, environ) -> int:
     print(f"moved aside in {state_dir}: {', '.join(moved)}. The next `exocom serve` starts with an empty ledger: "
           "every deployment step runs again")
     return 0
+
+
+def _names(row: dict, target: str) -> bool:
+    role, at, version = target.partition("@")
+    return row["role"] == role and (not at or row["version"] == version)
 
 
 def _load_config(command: str, args, environ):

@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .settings import port_argument  # the same port rules as `exocom serve`
+
 TODOS = ("buy milk", "walk the dog", "water the plants")
 ADDED_DURING_MIGRATION = "call mum"
 ADDED_AFTER = "book the dentist"
@@ -358,7 +360,8 @@ class Demo:
             raise DemoError(f"search did not find the old todos: {found}, {titles}")
         self.say(f"search finds the old todos: {', '.join(titles)}")
         self.stop("todo-search-deployment")
-        self.say("the deployment script exited: its deployment is finished (the ledger says so)")
+        self.say("the demo stopped the deployment script (Ctrl-C): its work is done, "
+                 "the ledger records the deployment as finished")
 
     def part_two(self) -> None:
         self.heading("Part 2: todos 2.0.0 with a new schema, next to todos 1.0.0 (config/todo-app-v2.yml)")
@@ -434,7 +437,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=None, help="port of the broker (default: a free one)")
+    parser.add_argument("--port", type=port_argument, default=None, help="port of the broker (default: a free one)")
     parser.add_argument("--root", default=None, help="the source checkout with examples/ and config/")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases, ledger)")
     parser.add_argument("--skip-v2", action="store_true", help="stop after part 1 (todo-search)")
@@ -459,7 +462,11 @@ def main(args) -> int:
         if not args.skip_v2:
             demo.part_two()
         demo.finish()
-        print("\nDone: both deployments finished; nothing was lost on the way.")
+        if args.skip_v2:
+            print("\nDone: the todo-search 0.0.1 deployment finished; part 2 (todos 2.0.0) was skipped "
+                  "(--skip-v2); nothing was lost on the way.")
+        else:
+            print("\nDone: both deployments (todo-search 0.0.1, todos 2.0.0) finished; nothing was lost on the way.")
     except DemoError as e:
         print(f"\nexocom demo failed: {e}", file=sys.stderr)
         keep, code = True, 1

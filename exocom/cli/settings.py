@@ -5,6 +5,7 @@ these rules, so they always agree on which broker and which ledger they mean.
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from ..core.config import ConfigError
@@ -20,6 +21,26 @@ def default_state_dir(environ) -> str:
     return os.path.join(base, "exocom")
 
 
+def parse_port(text: str) -> int:
+    """A TCP port, 0-65535 (0: a free one). The OS would take 99999 modulo
+    65536 and listen where nobody looks."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{text!r} is not a port number (0-65535)")
+    return port
+
+
+def port_argument(text: str) -> int:
+    """argparse type of --port: a bad value is a usage error (exit 2)."""
+    try:
+        return parse_port(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def resolve_port(arg: int | None, environ) -> int:
     if arg is not None:
         return arg
@@ -27,10 +48,7 @@ def resolve_port(arg: int | None, environ) -> int:
         value = environ.get(key)
         if value:
             try:
-                port = int(value)
-            except ValueError:
-                raise ConfigError(f"{key}={value!r} is not a port number") from None
-            if not 0 <= port <= 65535:
-                raise ConfigError(f"{key}={value!r} is not a port number (0-65535)")
-            return port
+                return parse_port(value)
+            except ValueError as e:
+                raise ConfigError(f"{key}={e}") from None
     return DEFAULT_PORT

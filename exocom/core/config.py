@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .versions import InvalidRequirement, InvalidVersion, Requirement, Version
 
+# The keys `exocom/check.py` knows; this parser ignores others, as the Go broker did.
 ROLE_KEYS = {"receives", "sends", "translations", "deploys", "stepTimeout", "versions"}
 PROFILE_KEYS = {"receives", "sends", "translations"}
 
@@ -62,7 +63,6 @@ class RoleConfig:
 class Config:
     roles: dict[str, RoleConfig]
     source: str
-    unknown_keys: tuple[str, ...] = field(default=())
 
     @property
     def has_security(self) -> bool:
@@ -140,7 +140,6 @@ def parse_service_data(data: Any, source: str) -> Config:
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"{source}: the routing configuration must be a non-empty object keyed by role")
     roles: dict[str, RoleConfig] = {}
-    unknown: list[str] = []
     for name, entry in data.items():
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{source}: role names must be non-empty strings, got {name!r}")
@@ -148,7 +147,6 @@ def parse_service_data(data: Any, source: str) -> Config:
             entry = {}
         if not isinstance(entry, dict):
             raise ConfigError(f"role {name!r}: must be an object with receives/sends/translations, got {entry!r}")
-        unknown.extend(f"role {name!r}: unknown key {k!r}" for k in entry if k not in ROLE_KEYS)
         profile = _profile(name, entry, "")
         version_profiles = []
         versions = entry.get("versions") or {}
@@ -161,9 +159,6 @@ def parse_service_data(data: Any, source: str) -> Config:
                 raise ConfigError(f"role {name!r}: versions: {e}") from None
             if not isinstance(override, dict):
                 raise ConfigError(f"role {name!r}: versions.{req_text} must be an object")
-            unknown.extend(
-                f"role {name!r}: versions.{req_text}: unknown key {k!r}" for k in override if k not in PROFILE_KEYS
-            )
             version_profiles.append((req, _profile(name, override, f"versions.{req_text}.", inherit=profile)))
         # The most specific requirement wins when several match a version.
         version_profiles.sort(key=lambda rp: -len(rp[0].parts))
@@ -186,17 +181,28 @@ def parse_service_data(data: Any, source: str) -> Config:
     for t in set(targets):
         if targets.count(t) > 1:
             raise ConfigError(f"{source}: more than one role deploys {t}; each version has one deployment script")
-    return Config(roles, source, tuple(unknown))
+    return Config(roles, source)
 
 
 def _deploys(role: str, value: Any) -> Deploys:
     if not isinstance(value, str) or value.count("@") != 1:
         raise ConfigError(f"role {role!r}: key 'deploys' must look like \"todo-search@0.0.1\", got {value!r}")
-    target, version = value.split("@")
     try:
-        return Deploys(target, Version(version))
-    except InvalidVersion as e:
+        return parse_deployment(value)
+    except ValueError as e:
         raise ConfigError(f"role {role!r}: key 'deploys': {e}") from None
+
+
+def parse_deployment(text: str) -> Deploys:
+    """`ROLE@VERSION` as an operator names a deployment (`deploys`, `exocom
+    deployments retry`, `POST /deployments/ROLE@VERSION/retry`)."""
+    role, at, version = text.partition("@")
+    if not role or not at or "@" in version:
+        raise ValueError(f"{text!r} does not name a deployment: give ROLE@VERSION, e.g. todo-search@0.0.1")
+    try:
+        return Deploys(role, Version(version))
+    except InvalidVersion as e:
+        raise ValueError(f"{text!r}: {e}") from None
 
 
 def load_file(path: str | os.PathLike[str]) -> Config:

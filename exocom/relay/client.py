@@ -46,7 +46,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from ..logs import get_logger
+from ..logs import library_logger
 
 REGISTER = "exocom.register-service"
 
@@ -119,7 +119,7 @@ class Relay:
         self.max_backoff = max_backoff
         self.close_timeout = close_timeout
         self.handlers: dict[str, Handler] = {}
-        self.log = get_logger().bind(relay=role)
+        self.log = library_logger("exocom.relay").bind(relay=role)
         # Public counters: accepted registrations (1 + reconnections), attempts
         # to connect, and messages dropped for lack of a handler.
         self.registrations = 0

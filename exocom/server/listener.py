@@ -29,6 +29,7 @@ from wsproto.utilities import RemoteProtocolError as HandshakeError
 
 from ..core.actions import CLOSE_GOING_AWAY, CLOSE_TOO_LARGE, Close, Deliver, Log, WriteRecord
 from ..core.broker import Broker
+from ..core.config import parse_deployment
 from .frames import BINARY, CLOSE, PING, PONG, TEXT, FrameDecoder, ProtocolError, close_frame, frame, parse_close, text_header
 from .ledger import Ledger, LedgerError, LedgerLost
 from ..logs import get_logger
@@ -365,9 +366,12 @@ class Server:
             return 200, {"deployments": self.broker.deployments_json(), "ledger": str(path) if path else None}
         if method == b"POST" and path.startswith("/deployments/") and path.endswith("/retry"):
             target = path[len("/deployments/"):-len("/retry")]
-            role, _, version = target.partition("@")
             try:
-                self.execute(self.broker.retry(role, version, time.time()))
+                deployment = parse_deployment(target)
+            except ValueError as e:
+                return 400, {"error": str(e)}
+            try:
+                self.execute(self.broker.retry(deployment.role, str(deployment.version), time.time()))
             except KeyError as e:
                 return 404, {"error": e.args[0]}
             except ValueError as e:
