@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import orjson
@@ -291,7 +292,7 @@ def run_once(checkout: Path, variant: str, rate: float, seconds: float) -> dict:
                                 10, count=i + 1)
             live, stopped = sinks
             stopped.send_signal(signal.SIGSTOP)
-            t0 = time.monotonic()
+            t0, flood_started = time.monotonic(), time.time()
             flooder = flood(broker.port, n, rate)
             if variant == "resumes":
                 stopped.send_signal(signal.SIGCONT)
@@ -324,9 +325,18 @@ def run_once(checkout: Path, variant: str, rate: float, seconds: float) -> dict:
         "quiet": quiet, "settle_s": settle_s, "flooder_replies": flooder["replies"],
         "events": {name: sum(1 for e in seen if e["event"] == name) for name in EVENTS if any(e["event"] == name for e in seen)},
         # The fields that say how much was queued, re-routed or dropped.
-        "event_details": [{k: e.get(k) for k in ("event", "outbox_bytes", "queued_frames", "rerouted", "lost", "not_resent")
-                           if e.get(k) is not None} for e in seen],
+        "event_details": [{**{k: e.get(k) for k in ("event", "outbox_bytes", "queued_frames", "rerouted", "lost", "not_resent")
+                              if e.get(k) is not None}, "at_s": seconds_after(e, flood_started)} for e in seen],
     }
+
+
+def seconds_after(event: dict, start: float) -> float | None:
+    """When the broker logged `event`, in seconds after the flood began (the
+    issue: the stuck instance was dropped "about 7 s later")."""
+    try:
+        return round(datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp() - start, 2)
+    except (KeyError, ValueError):
+        return None
 
 
 def main() -> int:
