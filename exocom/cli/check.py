@@ -31,7 +31,8 @@ from typing import Any
 
 import yaml
 
-from ..core.config import PROFILE_KEYS, ROLE_KEYS, Config, ConfigError, default_config_text, load, parse_service_data
+from ..core.config import (PROFILE_KEYS, ROLE_KEYS, Config, ConfigError, default_config_text, load, parse_rollout,
+                           parse_service_data)
 from ..core.versions import InvalidRequirement, InvalidVersion, Requirement, Version
 
 ERROR, WARNING = "error", "warning"
@@ -270,6 +271,14 @@ def check_data(data: Any, source: str, lines: dict[tuple, int] | None = None,
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
                 c.error((*path, "stepTimeout"), f"must be a positive number of seconds, got {timeout!r}")
             step_timeouts.add(name)
+        rollout = entry.get("rollout")
+        if rollout is not None:
+            try:
+                parse_rollout(name, rollout)
+            except ConfigError as e:
+                c.error((*path, "rollout"), str(e).removeprefix(f"role {name!r}: "))
+            if entry.get("deploys") is None:
+                c.error((*path, "rollout"), "needs 'deploys' (it ramps the version this role deploys)")
 
     for name in sorted(step_timeouts - set(deploys)):
         if not (isinstance(data[name], dict) and data[name].get("deploys") is not None):

@@ -61,5 +61,9 @@ class Generations:
             self.young = {}
             self.rotated_at = now
 
+    def values(self):
+        yield from self.young.values()
+        yield from self.old.values()
+
     def __len__(self) -> int:
         return len(self.young) + len(self.old)

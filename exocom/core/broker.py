@@ -8,9 +8,11 @@ own module:
 
 | concern | module |
 |---|---|
-| where a message goes | `routing.Router.route` |
+| where a message goes | `routing.Router.route`, `choice.Choice.choose` |
 | who may register as what | `registration` |
 | deployments: the handshake and the ledger records | `deployer`, `deployments` |
+| gradual rollouts: ramp, gates, abort, rollback | `ramps`, `gates`, `figures` |
+| held, ramping, live, draining, drained, failed | `states` |
 | the security adapter of Exocom 0.27 | `security` |
 | the warning budget per connection | `budget` |
 """
@@ -27,11 +29,13 @@ from .budget import WarningBudget
 from .config import Config
 from .deployer import Deployer
 from .deployments import Deployment
+from .ramps import Ramps
 from .registration import REGISTER, Registrations
 from .registry import Instance, Registry
 from .routes import RoutingTable
 from .routing import Router
 from .security import SECURITY_ANSWERS, SECURITY_ROLE, SecurityAdapter, with_implicit_routes
+from .states import VersionStates
 from .stats import Stats
 from .versions import Version
 
@@ -49,6 +53,7 @@ class Broker:
         max_activities: int = 100_000,
         log_deliveries: bool = False,
         max_messages_per_second: float = 0.0,
+        drain_period: float = 30.0,
         now: float = 0.0,
     ):
         self.config = config
@@ -65,6 +70,13 @@ class Broker:
                              log_deliveries=log_deliveries)
         self.deployer = Deployer(config, self.registry, self.router, self.budget,
                                  ledger_records=ledger_records, step_timeout=step_timeout)
+        self.ramps = Ramps(self.deployer, self.registry, self.stats)
+        self.states = VersionStates(self.registry, self.router.choice, self.stats, self.activities,
+                                    state_of=self.deployer.state_of, drain_period=drain_period)
+        self.deployer.refresh = self.ramps.refresh = self.states.refresh
+        self.deployer.rollout_written = self.ramps.record_written
+        self.router.error_names = self.ramps.error_names
+        self.router.ramping_replied = self.ramps.replied
         self.security = (SecurityAdapter(self.router, self.registry, self.budget, ttl=activity_ttl, now=now)
                          if config.has_security else None)
         # Per connection, 0 = unlimited; a bucket holds one second's worth (at least one message).
@@ -89,8 +101,10 @@ class Broker:
             Log("info", "service deregistered", {"role": instance.role, "version": str(instance.version), "instance": instance.label})
         ]
         actions += self.budget.closed(instance)
+        self.states.refresh(instance.role, now, actions)
         if unsent:
             self.router.reroute(instance, unsent, now, actions)
+        self.ramps.disconnected(instance, now, actions)
         self.deployer.deregistered(instance, now, actions)
         return actions
 
@@ -122,6 +136,10 @@ class Broker:
         if instance is None:
             instance, actions = self.registrations.register(conn, message, now, self.deployer.state_of)
             if instance is not None:
+                self.states.refresh(instance.role, now, actions)
+                actions.append(Log("info", "service registered", {
+                    "role": instance.role, "version": str(instance.version), "instance": instance.label,
+                    "peer": instance.peer, "state": instance.pool.state}))
                 self.deployer.registered(instance, now, actions)
             return actions
         if message.__class__ is not dict:
@@ -175,6 +193,8 @@ class Broker:
         actions = self.registrations.overdue(now)
         actions += self.budget.windows_ended(now)
         self.deployer.deadlines(now, actions)
+        self.ramps.tick(now, actions)
+        self.states.tick(now, actions)
         return actions
 
     def record_written(self, record: dict[str, Any], now: float) -> list:
@@ -188,6 +208,15 @@ class Broker:
     def ledger_restored(self, now: float) -> list:
         """Every record is in a fresh ledger again: start what waited meanwhile."""
         return self.deployer.ledger_restored(now)
+
+    def rollout(self, role: str, version: str, action: str, now: float) -> list:
+        """An operator's pause, resume, promote or abort of a ramp (KeyError: no
+        such rollout; ValueError: not possible now, the message says why)."""
+        return self.ramps.act(role, version, action, now)
+
+    def rollback(self, role: str, version: str, now: float) -> list:
+        """An operator takes a live version out of production."""
+        return self.ramps.rollback(role, version, now)
 
     def retry(self, role: str, version: str, now: float) -> list:
         """Re-arm the failed steps of a deployment (operator action)."""
@@ -223,4 +252,10 @@ class Broker:
         return {"clients": self.registry.clients(), "routes": with_implicit_routes(self.config.to_service_data())}
 
     def deployments_json(self) -> list[dict[str, Any]]:
-        return self.deployer.to_json()
+        out = self.deployer.to_json()
+        for row in out:
+            d = self.deployer.deployment(row["role"], row["version"])
+            if row["rollout"] is not None and d.state == "ramping":
+                row["rollout"]["figures"] = self.ramps.figures(d)
+                row["rollout"]["nextStepAt"] = (d.ramp_since + d.rollout.interval) if d.ramp_since else None
+        return out

@@ -18,7 +18,9 @@ from typing import Any
 from .versions import InvalidRequirement, InvalidVersion, Requirement, Version
 
 # The keys `exocom/check.py` knows; this parser ignores others, as the Go broker did.
-ROLE_KEYS = {"receives", "sends", "translations", "deploys", "stepTimeout", "versions"}
+ROLE_KEYS = {"receives", "sends", "translations", "deploys", "stepTimeout", "versions", "rollout"}
+ROLLOUT_KEYS = {"steps", "interval", "gates"}
+GATE_KEYS = {"minSamples", "errorMessages", "maxErrorRate", "maxReplyTimeRatio", "maxDisconnects"}
 PROFILE_KEYS = {"receives", "sends", "translations"}
 
 
@@ -51,12 +53,42 @@ class Deploys:
 
 
 @dataclass(frozen=True)
+class Gates:
+    """What a ramping version's own figures must stay within (contract 7.3);
+    None: that gate is not checked."""
+
+    min_samples: int = 20
+    error_messages: tuple[str, ...] = ()
+    max_error_rate: float | None = None
+    max_reply_time_ratio: float | None = None
+    max_disconnects: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"minSamples": self.min_samples, "errorMessages": list(self.error_messages),
+                "maxErrorRate": self.max_error_rate, "maxReplyTimeRatio": self.max_reply_time_ratio,
+                "maxDisconnects": self.max_disconnects}
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A gradual rollout (contract 7): shares in percent, in order, the last one 100."""
+
+    steps: tuple[float, ...]
+    interval: float
+    gates: Gates = Gates()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"steps": list(self.steps), "interval": self.interval, "gates": self.gates.to_json()}
+
+
+@dataclass(frozen=True)
 class RoleConfig:
     name: str
     profile: Profile
     version_profiles: tuple[tuple[Requirement, Profile], ...] = ()
     deploys: Deploys | None = None
     step_timeout: float | None = None
+    rollout: Rollout | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +114,8 @@ class Config:
                 entry["deploys"] = str(role.deploys)
             if role.step_timeout is not None:
                 entry["stepTimeout"] = role.step_timeout
+            if role.rollout is not None:
+                entry["rollout"] = role.rollout.to_json()
             out[name] = entry
         return out
 
@@ -170,7 +204,10 @@ def parse_service_data(data: Any, source: str) -> Config:
             isinstance(step_timeout, bool) or not isinstance(step_timeout, (int, float)) or step_timeout <= 0
         ):
             raise ConfigError(f"role {name!r}: key 'stepTimeout' must be a positive number of seconds, got {step_timeout!r}")
-        roles[name] = RoleConfig(name, profile, tuple(version_profiles), deploys, step_timeout)
+        rollout = parse_rollout(name, entry["rollout"]) if entry.get("rollout") is not None else None
+        if rollout is not None and deploys is None:
+            raise ConfigError(f"role {name!r}: key 'rollout' needs 'deploys' (it ramps the version this role deploys)")
+        roles[name] = RoleConfig(name, profile, tuple(version_profiles), deploys, step_timeout, rollout)
     for role in roles.values():
         if role.deploys:
             if role.deploys.role not in roles:
@@ -182,6 +219,50 @@ def parse_service_data(data: Any, source: str) -> Config:
         if targets.count(t) > 1:
             raise ConfigError(f"{source}: more than one role deploys {t}; each version has one deployment script")
     return Config(roles, source)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_rollout(role: str, value: Any) -> Rollout:
+    """The `rollout` of a deployment; every problem names the key."""
+    where = f"role {role!r}: key 'rollout"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}' must be an object with steps, interval and gates, got {value!r}")
+    unknown = sorted(set(value) - ROLLOUT_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}' has unknown key(s) {', '.join(map(repr, unknown))}; known: steps, interval, gates")
+    steps = value.get("steps")
+    if not (isinstance(steps, list) and steps and all(_number(s) and 0 < s <= 100 for s in steps)):
+        raise ConfigError(f"{where}.steps' must be a list of shares in percent (0 < share <= 100), got {steps!r}")
+    if any(b <= a for a, b in zip(steps, steps[1:])) or steps[-1] != 100:
+        raise ConfigError(f"{where}.steps' must rise step by step and end at 100, got {steps!r}")
+    interval = value.get("interval", 60)
+    if not _number(interval) or interval <= 0:
+        raise ConfigError(f"{where}.interval' must be a positive number of seconds, got {interval!r}")
+    gates = value.get("gates") or {}
+    if not isinstance(gates, dict):
+        raise ConfigError(f"{where}.gates' must be an object, got {gates!r}")
+    unknown = sorted(set(gates) - GATE_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}.gates' has unknown key(s) {', '.join(map(repr, unknown))}; "
+                          f"known: {', '.join(sorted(GATE_KEYS))}")
+
+    def limit(key: str, check, what: str):
+        v = gates.get(key)
+        if v is not None and not (_number(v) and check(v)):
+            raise ConfigError(f"{where}.gates.{key}' must be {what}, got {v!r}")
+        return v
+
+    min_samples = limit("minSamples", lambda v: v >= 1 and v == int(v), "a whole number of replies >= 1")
+    return Rollout(tuple(float(s) for s in steps), float(interval), Gates(
+        min_samples=int(min_samples) if min_samples is not None else Gates.min_samples,
+        error_messages=_names(role, "rollout.gates.errorMessages", gates.get("errorMessages")),
+        max_error_rate=limit("maxErrorRate", lambda v: 0 <= v <= 1, "a fraction between 0 and 1"),
+        max_reply_time_ratio=limit("maxReplyTimeRatio", lambda v: v > 0, "a positive ratio"),
+        max_disconnects=limit("maxDisconnects", lambda v: v >= 0 and v == int(v), "a whole number >= 0"),
+    ))
 
 
 def _deploys(role: str, value: Any) -> Deploys:

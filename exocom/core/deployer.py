@@ -6,7 +6,12 @@ records the next step as started, and only once the ledger has the record
 (`record_written`) sends the script `deployment-R-V-<step>-start`. The
 script's `-done` / `-failed` answer, a step's time limit and an operator's
 retry are recorded the same way before anything acts on them. The state
-machine of one deployment is `deployments.Deployment`.
+machine of one deployment is `deployments.Deployment`; the ramp of a
+rollout is driven by `ramps.Ramps`.
+
+Going into production waits for the ledger; going out never does: a failed
+step takes its version out of production routing before its record is
+written.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from .actions import Log, WriteRecord, shown
 from .activities import new_activity
 from .budget import WarningBudget
 from .config import Config, Deploys
-from .registry import FAILED, HELD, LIVE, Instance, Registry
+from .registry import FAILED, HELD, LIVE, RAMPING, Instance, Registry
 from .routing import Router, new_id
 from .versions import Version
+
+_STATE_EVENTS = {HELD: "version held", LIVE: "version live", RAMPING: "version ramping",
+                 FAILED: "version taken out of production"}
 
 
 class Deployer:
@@ -34,7 +42,7 @@ class Deployer:
         # Names of the scripts' answers -> (deployment, step, outcome).
         self.answers: dict[str, tuple[dep.Deployment, str, str]] = {}
         for script_role, target, timeout in config.deployments():
-            d = dep.Deployment(target, script_role, timeout or step_timeout)
+            d = dep.Deployment(target, script_role, timeout or step_timeout, rollout=config.roles[script_role].rollout)
             self.deployments[dep.key(target.role, target.version)] = d
             self.by_script[script_role] = d
             for step in dep.STEPS:
@@ -43,9 +51,21 @@ class Deployer:
         # Every record written, in ledger order: the shell writes them to a
         # fresh ledger when the file is deleted or replaced under the broker.
         self.records: list[dict[str, Any]] = list(ledger_records)
-        self.orphan_records = dep.replay(self.deployments, self.records)
+        # Versions without a deployment that an operator rolled back: key -> why.
+        self.rolled_back: dict[dep.Key, str] = {}
+        orphans = dep.replay(self.deployments, self.records)
+        self.orphan_records = []
+        for record in orphans:
+            if record["step"] == dep.ROLLOUT and record["event"] == dep.ROLLED_BACK:
+                self.rolled_back[dep.key(record["role"], record["version"])] = record.get("error") or "rolled back"
+            else:
+                self.orphan_records.append(record)
         # False while the ledger is lost: no step starts until it is written again.
         self.ledger_ok = True
+        # Set by the broker: recompute the states of a role's versions (states.VersionStates.refresh).
+        self.refresh = lambda role, now, actions: None
+        # Set by the broker: the ramps act on the rollout records (ramps.Ramps.record_written).
+        self.rollout_written = lambda d, record, now, actions: None
 
     def script_targets(self) -> dict[str, Deploys]:
         """Deployment script role -> the version it deploys."""
@@ -54,10 +74,16 @@ class Deployer:
     def deployment(self, role: str, version: str | Version) -> dep.Deployment | None:
         return self.deployments.get(dep.key(role, version))
 
-    def state_of(self, role: str, version: Version) -> str:
-        """The state a new instance of role@version joins in."""
+    def state_of(self, role: str, version: Version) -> tuple[str, float]:
+        """The state of role@version as its deployment has it (held, ramping,
+        live or failed) and its share of new activities in percent; a
+        version without a deployment is live unless it was rolled back."""
         d = self.deployment(role, version)
-        return d.state if d is not None else LIVE
+        if d is not None:
+            return d.state, d.share
+        if self.rolled_back and dep.key(role, version) in self.rolled_back:
+            return FAILED, 0.0
+        return LIVE, 100.0
 
     # ------------------------------------------------------------------ events
 
@@ -97,11 +123,11 @@ class Deployer:
         d.in_flight = None
         actions: list = []
         if outcome == "done":
-            self._write(d, d.record(dep.STEP_DONE, step, now), actions)
+            self.write(d, d.record(dep.STEP_DONE, step, now), actions)
         else:
             payload = message.get("payload")
             reason = payload.get("reason") if isinstance(payload, dict) else None
-            self._write(d, d.record(dep.STEP_FAILED_EVENT, step, now, error=_reason_text(reason)), actions)
+            self.fail(d, d.record(dep.STEP_FAILED_EVENT, step, now, error=_reason_text(reason)), now, actions)
         return actions
 
     def deadlines(self, now: float, actions: list) -> None:
@@ -110,34 +136,52 @@ class Deployer:
             flight = d.in_flight
             if flight is not None and now >= flight.deadline:
                 d.in_flight = None
-                self._write(d, d.record(dep.STEP_FAILED_EVENT, flight.step, now,
-                                        error=f"time limit of {d.step_timeout:g}s exceeded"), actions)
+                self.fail(d, d.record(dep.STEP_FAILED_EVENT, flight.step, now,
+                                      error=f"time limit of {d.step_timeout:g}s exceeded"), now, actions)
+
+    def fail(self, d: dep.Deployment, record: dict[str, Any], now: float, actions: list) -> None:
+        """Take `d`'s version out of production now, then record why."""
+        was = d.state
+        d.taken_out = True
+        self.refresh(d.target.role, now, actions)
+        if was != FAILED:
+            actions.append(Log("warning", _STATE_EVENTS[FAILED], {
+                "role": d.target.role, "version": str(d.target.version), "state": FAILED, "was": was,
+                "reason": record.get("error")}))
+        self.write(d, record, actions)
 
     def record_written(self, record: dict[str, Any], now: float) -> list:
         """The ledger made `record` durable: now act on it."""
         self.records.append(record)
         d = self.deployment(record["role"], record["version"])
-        if d is None:
-            return []
-        d.writing = None
-        d.apply(record)
         actions: list = []
+        if d is None:
+            if record["step"] == dep.ROLLOUT and record["event"] == dep.ROLLED_BACK:
+                actions.append(Log("info", "rollback recorded", {"role": record["role"], "version": record["version"]}))
+            return actions
+        d.writing = None
+        before = d.state
+        d.apply(record)
         step, event = record["step"], record["event"]
-        if event == dep.STEP_STARTED:
+        if step == dep.ROLLOUT:
+            self.rollout_written(d, record, now, actions)
+        elif event == dep.STEP_STARTED:
             self._send_step_start(d, step, record["attempt"], now, actions)
         elif event == dep.STEP_DONE:
             actions.append(self._log("info", f"{step} step done", d, step, duration_s=_duration(d.steps[step])))
-            if step == dep.OFFLINE:
-                self._set_state(d, actions)
-            else:
+            if step == dep.OFFLINE and d.rollout is not None:
+                self.rollout_written(d, record, now, actions)
+            if step == dep.ONLINE:
                 actions.append(self._log("info", "deployment finished", d, step))
         elif event == dep.STEP_FAILED_EVENT:
             actions.append(self._log("error", f"{step} step failed", d, step,
                                      error=record.get("error"), duration_s=_duration(d.steps[step])))
-            self._set_state(d, actions)
         elif event == dep.STEP_REARMED:
             actions.append(self._log("info", "deployment re-armed", d, step))
-            self._set_state(d, actions)
+        if d.state != before:
+            self._set_state(d, before, now, actions)
+        if d.queued and d.writing is None:
+            self.write(d, d.queued.pop(0), actions)
         self._advance(d, now, actions)
         return actions
 
@@ -159,20 +203,24 @@ class Deployer:
         if d is None:
             raise KeyError(f"no deployment of {role}@{version} is configured")
         failed = [s.name for s in d.steps.values() if s.status == dep.STEP_FAILED]
+        if not failed and d.stopped:
+            failed = [dep.ROLLOUT]  # an aborted or rolled-back ramp starts again from its first step
         if not failed:
             raise ValueError(f"{role}@{version} has no failed step to retry (state {d.state})")
         if d.writing is not None:
             raise ValueError(f"{role}@{version} is busy writing its ledger; try again")
         actions: list = []
-        self._write(d, d.record(dep.STEP_REARMED, failed[0], now), actions)
+        self.write(d, d.record(dep.STEP_REARMED, failed[0], now), actions)
         return actions
 
     def starting(self) -> list:
         """The state of every declared deployment, logged once at startup."""
         actions = []
         for d in self.deployments.values():
-            event = {HELD: "deployment held", LIVE: "deployment live", FAILED: "deployment failed"}[d.state]
-            actions.append(self._log("info" if d.state != FAILED else "warning", event, d, d.next_step()))
+            event = {HELD: "deployment held", LIVE: "deployment live", RAMPING: "deployment ramping",
+                     FAILED: "deployment failed"}[d.state]
+            actions.append(self._log("info" if d.state != FAILED else "warning", event, d, d.next_step(),
+                                     share=d.share))
         return actions
 
     def to_json(self) -> list[dict[str, Any]]:
@@ -189,7 +237,7 @@ class Deployer:
             return
         if not self.registry.pool(d.target.role, d.target.version) or not self.registry.pools.get(d.script_role):
             return
-        self._write(d, d.record(dep.STEP_STARTED, step, now), actions)
+        self.write(d, d.record(dep.STEP_STARTED, step, now), actions)
 
     def _send_step_start(self, d: dep.Deployment, step: str, attempt: int, now: float, actions: list) -> None:
         scripts = self.registry.pools.get(d.script_role)
@@ -210,18 +258,22 @@ class Deployer:
                                  script_instance=script.label))
 
     @staticmethod
-    def _write(d: dep.Deployment, record: dict[str, Any], actions: list) -> None:
+    def write(d: dep.Deployment, record: dict[str, Any], actions: list) -> None:
+        """Send `record` to the ledger, after the one being written, if any."""
+        if d.writing is not None:
+            d.queued.append(record)
+            return
         d.writing = record
         actions.append(WriteRecord(record))
 
-    def _set_state(self, d: dep.Deployment, actions: list) -> None:
+    def _set_state(self, d: dep.Deployment, before: str, now: float, actions: list) -> None:
+        self.refresh(d.target.role, now, actions)
         state = d.state
-        pool = self.registry.pool(d.target.role, d.target.version)
-        if pool is not None and pool.state != state:
-            pool.state = state
-        event = {HELD: "version held", LIVE: "version live", FAILED: "version taken out of production"}[state]
-        actions.append(Log("info" if state != FAILED else "warning", event,
-                           {"role": d.target.role, "version": str(d.target.version), "state": state}))
+        if state == FAILED and d.taken_out:
+            return  # logged when it was taken out
+        actions.append(Log("info" if state != FAILED else "warning", _STATE_EVENTS[state], {
+            "role": d.target.role, "version": str(d.target.version), "state": state, "was": before,
+            "share": d.share}))
 
     @staticmethod
     def _log(level: str, event: str, d: dep.Deployment, step: str | None, **fields) -> Log:

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Deploys
-from .registry import FAILED, HELD, LIVE
+from .config import Deploys, Rollout
+from .registry import FAILED, HELD, LIVE, RAMPING
 from .versions import InvalidVersion, Version
 
 OFFLINE, ONLINE = "offline", "online"
@@ -26,6 +26,15 @@ STEP_FAILED = "failed"
 # Ledger record events
 STEP_STARTED, STEP_DONE, STEP_FAILED_EVENT, STEP_REARMED = "started", "done", "failed", "rearmed"
 STEP_EVENTS = (STEP_STARTED, STEP_DONE, STEP_FAILED_EVENT, STEP_REARMED)
+# The ramp of a rollout (contract 7) is recorded as the pseudo-step "rollout":
+# "stepped" (attempt = the ramp step now in force), the operators' actions,
+# and "aborted" (an operator, a gate, a failed step) with its reason and figures.
+ROLLOUT = "rollout"
+STEPPED, PAUSED, RESUMED, PROMOTED, ABORTED, ROLLED_BACK = (
+    "stepped", "paused", "resumed", "promoted", "aborted", "rolled-back")
+ROLLOUT_EVENTS = (STEPPED, PAUSED, RESUMED, PROMOTED, ABORTED, ROLLED_BACK, STEP_REARMED)
+RECORD_STEPS = (*STEPS, ROLLOUT)
+RECORD_EVENTS = (*STEP_EVENTS, *(e for e in ROLLOUT_EVENTS if e not in STEP_EVENTS))
 
 
 Key = tuple[str, Version]
@@ -86,14 +95,35 @@ class Deployment:
     # A record sent to the ledger and not yet confirmed written; nothing else
     # happens to this deployment until it is.
     writing: dict[str, Any] | None = None
+    # Records to write after it, in order (an abort does not wait to be decided).
+    queued: list[dict[str, Any]] = field(default_factory=list)
+    rollout: Rollout | None = None
+    ramp_step: int = 0  # index into rollout.steps in force while ramping
+    ramp_since: float | None = None  # when that step began
+    paused: bool = False
+    # Why the version is out of production by an abort or a rollback (None: it is not).
+    stopped: str | None = None
+    # Failure is never delayed by the ledger: set the moment a step fails, a
+    # gate fails or an operator aborts, before the record is written.
+    taken_out: bool = False
 
     @property
     def state(self) -> str:
-        if any(s.status == STEP_FAILED for s in self.steps.values()):
+        if self.taken_out or self.stopped or any(s.status == STEP_FAILED for s in self.steps.values()):
             return FAILED
-        if self.steps[OFFLINE].status == DONE:
-            return LIVE
-        return HELD
+        if self.steps[OFFLINE].status != DONE:
+            return HELD
+        if self.rollout is not None and self.ramp_step < len(self.rollout.steps) - 1:
+            return RAMPING
+        return LIVE
+
+    @property
+    def share(self) -> float:
+        """Percent of new activities this version takes now (100 once live)."""
+        state = self.state
+        if state == RAMPING:
+            return self.rollout.steps[self.ramp_step]
+        return 100.0 if state == LIVE else 0.0
 
     @property
     def finished(self) -> bool:
@@ -108,8 +138,10 @@ class Deployment:
                 return name
         return None
 
-    def record(self, event: str, step: str, now: float, error: str | None = None) -> dict[str, Any]:
-        attempt = self.steps[step].attempts + (1 if event == STEP_STARTED else 0)
+    def record(self, event: str, step: str, now: float, error: str | None = None,
+               detail: dict[str, Any] | None = None, attempt: int | None = None) -> dict[str, Any]:
+        if attempt is None:
+            attempt = self.steps[step].attempts + (1 if event == STEP_STARTED else 0) if step in self.steps else 0
         return {
             "role": self.target.role,
             "version": str(self.target.version),
@@ -118,12 +150,16 @@ class Deployment:
             "attempt": attempt,
             "at": now,
             "error": error,
+            "detail": detail,
         }
 
     def apply(self, record: dict[str, Any]) -> None:
         """Fold one ledger record into the steps (also used to replay the ledger)."""
-        step = self.steps[record["step"]]
         event = record["event"]
+        if record["step"] == ROLLOUT:
+            self._apply_rollout(event, record)
+            return
+        step = self.steps[record["step"]]
         if event == STEP_STARTED:
             step.status = STARTED
             step.attempts = record["attempt"]
@@ -132,6 +168,8 @@ class Deployment:
         elif event == STEP_DONE:
             step.status = DONE
             step.ended_at = record["at"]
+            if step.name == OFFLINE:
+                self.ramp_step, self.ramp_since = 0, record["at"]
         elif event == STEP_FAILED_EVENT:
             step.status = STEP_FAILED
             step.ended_at = record["at"]
@@ -139,6 +177,22 @@ class Deployment:
         elif event == STEP_REARMED:
             step.status = PENDING
             step.ended_at = None
+            self.taken_out = False
+
+    def _apply_rollout(self, event: str, record: dict[str, Any]) -> None:
+        if event == STEPPED:
+            self.ramp_step, self.ramp_since = record["attempt"], record["at"]
+        elif event == PROMOTED:
+            self.ramp_step, self.ramp_since = len(self.rollout.steps) - 1 if self.rollout else 0, record["at"]
+        elif event == PAUSED:
+            self.paused = True
+        elif event == RESUMED:
+            self.paused = False
+        elif event in (ABORTED, ROLLED_BACK):
+            self.stopped = record.get("error") or event
+        elif event == STEP_REARMED:  # a retry of an aborted ramp starts it again from its first step
+            self.stopped, self.taken_out, self.paused = None, False, False
+            self.ramp_step, self.ramp_since = 0, record["at"]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -150,6 +204,11 @@ class Deployment:
             "stepTimeout": self.step_timeout,
             "steps": [s.to_json() for s in self.steps.values()],
             "inFlight": self.in_flight.step if self.in_flight else None,
+            "share": self.share,
+            "stopped": self.stopped,
+            "rollout": None if self.rollout is None else {
+                **self.rollout.to_json(), "step": self.ramp_step, "stepSince": self.ramp_since,
+                "paused": self.paused},
         }
 
 

@@ -65,12 +65,10 @@ class Registrations:
             except InvalidVersion as e:
                 return None, self._refuse(conn, CLOSE_BAD_VERSION, f"invalid version: {e}")
         peer, _ = self.pending.pop(conn, ("?", now))
-        state = state_of(role, version)
         instance = Instance(conn, role, version, routes.profile_for(version), peer)
         instance.metric_key = (role, self.stats.version_label(role, str(version)))
-        self.registry.add(instance, state)
-        return instance, [Log("info", "service registered", {
-            "role": role, "version": str(version), "instance": instance.label, "peer": peer, "state": state})]
+        self.registry.add(instance, state_of(role, version)[0])
+        return instance, []
 
     def overdue(self, now: float) -> list:
         """Close every connection that did not register in time."""

@@ -6,7 +6,13 @@ from __future__ import annotations
 from .routes import CompiledProfile
 from .versions import Version
 
+# Contract section 8. Production traffic: live all new activities (when it is
+# the stable version), ramping its share of them, draining and drained only
+# what affinity or a version requirement sends, held and failed none.
 LIVE, HELD, FAILED = "live", "held", "failed"
+RAMPING, DRAINING, DRAINED = "ramping", "draining", "drained"
+# States a `version` requirement may reach (a ramping version only when no other satisfies it).
+SERVING = frozenset((LIVE, DRAINING, DRAINED))
 
 
 class Instance:
@@ -37,7 +43,7 @@ class Instance:
 class VersionPool:
     """The connected instances of one version of one role."""
 
-    __slots__ = ("role", "version", "state", "instances", "profile", "_next")
+    __slots__ = ("role", "version", "state", "instances", "profile", "_next", "quiet_since", "quiet_deliveries")
 
     def __init__(self, role: str, version: Version, state: str, profile: CompiledProfile):
         self.role = role
@@ -46,6 +52,9 @@ class VersionPool:
         self.profile = profile
         self.instances: list[Instance] = []
         self._next = 0
+        # While draining: since when nothing reached it, and the delivery count then.
+        self.quiet_since = 0.0
+        self.quiet_deliveries = 0
 
     def pick(self) -> Instance:
         """Round robin (even load, reproducible in tests), passing over

@@ -1,11 +1,11 @@
 """Where a message goes: `Router.route`.
 
 An accepted message reaches one instance of every role that receives it
-(`routes.RoutingTable`), under that role's internal name. Within a role, in
-this order: the asker of a `responseTo` answer; the instance already on the
-activity (affinity); else the newest live version -- satisfying the
-message's `version` requirement if it has one -- round robin among its
-instances. A deployment script reaches the version it deploys, held or not.
+(`routes.RoutingTable`), under that role's internal name: the asker of a
+`responseTo` answer, or the instance `choice.Choice` picks (affinity,
+version requirement, ramp share, stable version). A deployment script
+reaches the version it deploys, held or not. On the way the router counts
+the replies of every version (`figures`), which the gates of a ramp judge.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import orjson
 from .actions import Deliver, Log
 from .activities import LAST_SEEN, Generations
 from .budget import WarningBudget
+from .choice import Choice
 from .config import Deploys
-from .registry import LIVE, Instance, Registry, VersionPool
+from .registry import RAMPING, Instance, Registry, VersionPool
 from .routes import RoutingTable
 from .stats import Stats
 from .versions import InvalidRequirement, Requirement
@@ -49,6 +50,11 @@ class Router:
         self.commands = commands  # message id -> sender conn, for `responseTo`
         self.script_targets = script_targets  # deployment script role -> the version it deploys
         self.log_deliveries = log_deliveries
+        self.choice = Choice(registry)
+        # Reply names that count as errors, per role; set by the broker (ramps.Ramps.error_names).
+        self.error_names: dict[str, frozenset[str]] = {}
+        # Called with (instance, now, actions) when an instance of a ramping version replies.
+        self.ramping_replied = lambda instance, now, actions: None
 
     def route(self, sender: Instance, message: dict, name: str, now: float, actions: list,
               public: str | None = None) -> None:
@@ -66,8 +72,12 @@ class Router:
                 activity = {LAST_SEEN: now}
                 self.activities.put(activity_id, activity)
             else:
-                response_time = int((now - activity[LAST_SEEN]) * 1e9)
+                seconds = now - activity[LAST_SEEN]
+                response_time = int(seconds * 1e9)
                 activity[LAST_SEEN] = now
+                if activity.get(sender.role) == -sender.conn:
+                    # It was sent a message on this activity: this is its reply.
+                    self._replied(sender, name, public, seconds, now, actions)
             activity[sender.role] = sender.conn
         message_id = message.get("id")
         if message_id.__class__ is str:
@@ -110,7 +120,9 @@ class Router:
                 target = self._pick_in_pool(self.registry.pool(role, deploys.version), public)
                 reason = f"{deploys} has no instance connected"
             else:
-                target, reason = self.choose(role, public, activity, requirement)
+                target, reason = self.choice.choose(
+                    role, public, activity, requirement,
+                    activity_id if activity is not None else message_id if message_id.__class__ is str else None)
             if target is None:
                 if missed is None:
                     missed = {}
@@ -126,29 +138,12 @@ class Router:
             actions.extend(self.budget.log(sender, now, "warning" if nobody else "info", "message undeliverable", {
                 "sender": sender.role, "name": public, "activity_id": activity_id, "missed": missed}))
 
-    def choose(self, role: str, public: str, activity: dict | None,
-               requirement: Requirement | None) -> tuple[Instance | None, str]:
-        """The instance of `role` that gets `public`, or None and why not."""
-        if activity is not None:
-            member = activity.get(role)
-            if member is not None:
-                instance = self.registry.by_conn.get(abs(member))
-                # Affinity holds whatever the version, but a held or failed
-                # version is only reached when it asked on this activity itself.
-                if instance is not None and public in instance.profile.receives and (
-                    member > 0 or instance.pool.state == LIVE
-                ):
-                    return instance, ""
-        for pool in self.registry.pools.get(role, ()):
-            if pool.state == LIVE and public in pool.profile.receives and (
-                requirement is None or requirement.matches(pool.version)
-            ):
-                return pool.pick(), ""
-        if requirement is not None:
-            return None, f"no live version of {role!r} satisfies version {requirement.text!r}"
-        if role in self.registry.pools:
-            return None, f"no live version of {role!r} is connected (held or failed versions get no production traffic)"
-        return None, f"no instance of {role!r} is connected"
+    def _replied(self, sender: Instance, name: str, public: str, seconds: float, now: float, actions: list) -> None:
+        errors = self.error_names.get(sender.role)
+        self.stats.figures(sender.metric_key).reply(
+            seconds, errors is not None and (public in errors or name in errors))
+        if sender.pool.state == RAMPING:
+            self.ramping_replied(sender, now, actions)
 
     @staticmethod
     def _pick_in_pool(pool: VersionPool | None, public: str) -> Instance | None:

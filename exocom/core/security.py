@@ -75,7 +75,7 @@ class SecurityAdapter:
         return actions
 
     def _send_to_security(self, message: dict, now: float, actions: list) -> None:
-        target, reason = self.router.choose(SECURITY_ROLE, message["name"], None, None)
+        target, reason = self.router.choice.choose(SECURITY_ROLE, message["name"], None, None)
         if target is None:
             # The security role need not list the adapter's messages in its
             # receives (it did not under Exocom 0.27): any live instance will do,

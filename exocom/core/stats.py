@@ -12,6 +12,8 @@ from bisect import bisect_left
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
+from .figures import Figures
+
 if TYPE_CHECKING:
     from .registry import Instance
 
@@ -33,6 +35,14 @@ class Stats:
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self._versions: dict[str, set[str]] = defaultdict(set)
+        # (role, version label) -> the figures gates judge and /metrics shows.
+        self.by_version: dict[tuple[str, str], Figures] = {}
+
+    def figures(self, key: tuple[str, str]) -> Figures:
+        figures = self.by_version.get(key)
+        if figures is None:
+            figures = self.by_version[key] = Figures()
+        return figures
 
     def version_label(self, role: str, version: str) -> str:
         seen = self._versions[role]

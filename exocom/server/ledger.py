@@ -9,6 +9,7 @@ when `append` returns, and forward migrations keyed by `PRAGMA user_version`.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import tempfile
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..core.deployments import STEP_EVENTS, STEPS
+from ..core.deployments import RECORD_EVENTS, RECORD_STEPS
 
 FILE_NAME = "ledger.sqlite3"
 # Written next to the ledger when it is created: a state directory with this
@@ -41,9 +42,13 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX step_records_by_target ON step_records (role, version, seq);
     """,
+    # 2: rollouts (contract 7): the figures that decided a ramp step or an abort, as JSON.
+    """
+    ALTER TABLE step_records ADD COLUMN detail TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
-_FIELDS = ("role", "version", "step", "event", "attempt", "at", "error")
+_FIELDS = ("role", "version", "step", "event", "attempt", "at", "error", "detail")
 
 
 class LedgerError(RuntimeError):
@@ -151,6 +156,10 @@ class SQLiteLedger:
         records = []
         for seq, *values in rows:
             record = dict(zip(_FIELDS, values))
+            try:
+                record["detail"] = json.loads(record["detail"]) if record["detail"] is not None else None
+            except ValueError:
+                raise self._damaged(f"record {seq} has a detail that is not JSON") from None
             problem = _record_problem(record)
             if problem:
                 raise self._damaged(f"record {seq} {problem}")
@@ -160,7 +169,7 @@ class SQLiteLedger:
     def append(self, record: dict[str, Any]) -> None:
         with self._lock:
             try:
-                self._db.execute(_INSERT, tuple(record.get(f) for f in _FIELDS))
+                self._db.execute(_INSERT, _row(record))
             except sqlite3.Error as e:
                 raise LedgerError(f"cannot write to the ledger {self.path}: {e}") from None
 
@@ -222,7 +231,7 @@ class SQLiteLedger:
                 db.execute("PRAGMA synchronous=FULL")
                 _migrate(db, fresh)
                 db.execute("BEGIN IMMEDIATE")
-                db.executemany(_INSERT, [tuple(r.get(f) for f in _FIELDS) for r in records])
+                db.executemany(_INSERT, [_row(r) for r in records])
                 db.execute("COMMIT")
             finally:
                 db.close()
@@ -233,6 +242,11 @@ class SQLiteLedger:
         os.replace(fresh, path)
         _sync_directory(path.parent)
         return SQLiteLedger(path), moved
+
+
+def _row(record: dict[str, Any]) -> tuple:
+    detail = record.get("detail")
+    return (*(record.get(f) for f in _FIELDS[:-1]), json.dumps(detail) if detail is not None else None)
 
 
 _INSERT = f"INSERT INTO step_records ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})"
@@ -280,7 +294,7 @@ def _record_problem(record: dict[str, Any]) -> str | None:
     """Why the broker could not replay `record`, if it could not."""
     if not all(isinstance(record[f], str) for f in ("role", "version", "step", "event")):
         return "has a role, version, step or event that is not text"
-    if record["step"] not in STEPS or record["event"] not in STEP_EVENTS:
+    if record["step"] not in RECORD_STEPS or record["event"] not in RECORD_EVENTS:
         return f"has an unknown step {record['step']!r} or event {record['event']!r}"
     if not isinstance(record["attempt"], int) or not isinstance(record["at"], (int, float)):
         return "has an attempt or time that is not a number"

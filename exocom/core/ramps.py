@@ -1,0 +1,197 @@
+"""The ramp of a gradual rollout (contract 7): step up, judge, abort, and
+what operators do to a ramp or to a live version.
+
+A version whose deployment declares a `rollout` is `ramping` from the
+moment its offline step is done, at `steps[0]` percent of new activities.
+Once a step has lasted `interval`, the gates hold, the version has shown
+enough replies to be judged and -- before the last step -- the online step
+is done, the next step is recorded; the share grows only once the record
+is on disk. A gate that fails aborts the ramp at once: the version's share
+drops to 0 before the abort is recorded. Gates are judged on every reply
+of a ramping version, on every disconnect of one of its instances, and on
+every tick.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import deployments as dep
+from .actions import Log, WriteRecord
+from .deployer import Deployer
+from .figures import Figures
+from .gates import figures_of, has_evidence, judge
+from .registry import DRAINED, DRAINING, FAILED, LIVE, RAMPING, Instance, Registry
+from .stats import Stats
+from .versions import Version
+
+ACTIONS = ("pause", "resume", "promote", "abort")
+
+
+class Ramps:
+    def __init__(self, deployer: Deployer, registry: Registry, stats: Stats) -> None:
+        self.deployer = deployer
+        self.registry = registry
+        self.stats = stats
+        self.refresh = lambda role, now, actions: None  # set by the broker (states.VersionStates.refresh)
+        # Per ramping deployment: the figures of the new and of the stable
+        # version when the ramp began, so that gates judge only the ramp.
+        self._baselines: dict[dep.Key, tuple[Figures, tuple[str, str] | None, Figures | None]] = {}
+        # Reply names that count as errors, per role (its rollouts' `errorMessages`).
+        self.error_names: dict[str, frozenset[str]] = {}
+        for d in deployer.deployments.values():
+            if d.rollout is not None:
+                role = d.target.role
+                self.error_names[role] = self.error_names.get(role, frozenset()) | set(d.rollout.gates.error_messages)
+
+    # ----------------------------------------------------------------- figures
+
+    def figures(self, d: dep.Deployment) -> dict[str, Any]:
+        """The figures of `d`'s ramp, as the gates see them."""
+        new, stable = self._since_ramp(d)
+        return figures_of(new, stable)
+
+    def _key(self, role: str, version: Version) -> tuple[str, str]:
+        return role, self.stats.version_label(role, str(version))
+
+    def _since_ramp(self, d: dep.Deployment) -> tuple[Figures, Figures | None]:
+        key = dep.key(d.target.role, d.target.version)
+        baseline = self._baselines.get(key)
+        if baseline is None:
+            baseline = self._baselines[key] = self._baseline(d)
+        new_base, stable_key, stable_base = baseline
+        new = self.stats.figures(self._key(d.target.role, d.target.version)).since(new_base)
+        stable = self.stats.figures(stable_key).since(stable_base) if stable_key is not None else None
+        return new, stable
+
+    def _baseline(self, d: dep.Deployment) -> tuple[Figures, tuple[str, str] | None, Figures | None]:
+        role = d.target.role
+        stable = next((p for p in self.registry.pools.get(role, ()) if p.state == LIVE), None)
+        stable_key = self._key(role, stable.version) if stable is not None else None
+        return (self.stats.figures(self._key(role, d.target.version)).copy(), stable_key,
+                self.stats.figures(stable_key).copy() if stable_key is not None else None)
+
+    # ------------------------------------------------------------------ events
+
+    def replied(self, instance: Instance, now: float, actions: list) -> None:
+        """An instance of a ramping version replied: judge it now."""
+        d = self.deployer.deployment(instance.role, instance.version)
+        if d is not None and d.state == RAMPING:
+            self._judge(d, now, actions)
+
+    def disconnected(self, instance: Instance, now: float, actions: list) -> None:
+        self.stats.figures(instance.metric_key).disconnects += 1
+        self.replied(instance, now, actions)
+
+    def tick(self, now: float, actions: list) -> None:
+        for d in self.deployer.deployments.values():
+            if d.state != RAMPING or self._judge(d, now, actions):
+                continue
+            if d.paused or d.writing is not None or not self.deployer.ledger_ok or d.ramp_since is None:
+                continue
+            if now - d.ramp_since < d.rollout.interval:
+                continue
+            following = d.ramp_step + 1
+            if following == len(d.rollout.steps) - 1 and not d.finished:
+                continue  # the last step waits for the online step
+            new, stable = self._since_ramp(d)
+            if not has_evidence(d.rollout.gates, new):
+                continue  # nobody used it yet: no evidence, no more traffic
+            self.deployer.write(d, d.record(dep.STEPPED, dep.ROLLOUT, now, attempt=following,
+                                            detail=figures_of(new, stable)), actions)
+
+    def _judge(self, d: dep.Deployment, now: float, actions: list) -> bool:
+        """Abort `d` if a gate fails; whether it did."""
+        new, stable = self._since_ramp(d)
+        verdict = judge(d.rollout.gates, new, stable)
+        if verdict is None:
+            return False
+        self._stop(d, dep.ABORTED, f"gate {verdict.gate} failed: {verdict.reason}", verdict.figures, now, actions,
+                   gate=verdict.gate)
+        return True
+
+    def record_written(self, d: dep.Deployment, record: dict[str, Any], now: float, actions: list) -> None:
+        """A rollout record of `d` is on disk (`d` has applied it)."""
+        event = record["event"]
+        fields = {"role": d.target.role, "version": str(d.target.version), "share": d.share,
+                  "step": d.ramp_step}
+        if event in (dep.STEPPED, dep.PROMOTED):
+            self.refresh(d.target.role, now, actions)
+            name = "rollout stepped up" if event == dep.STEPPED else "rollout promoted"
+            actions.append(Log("info", name, {**fields, "figures": record.get("detail")}))
+            if d.state == LIVE:
+                actions.append(Log("info", "rollout finished", {**fields, "figures": record.get("detail")}))
+        elif event in (dep.PAUSED, dep.RESUMED):
+            actions.append(Log("info", f"rollout {event}", fields))
+        elif event == dep.STEP_DONE:  # the offline step: the ramp begins at its first step
+            self._baselines[dep.key(d.target.role, d.target.version)] = self._baseline(d)
+            actions.append(Log("info", "rollout started", {**fields, "steps": list(d.rollout.steps),
+                                                           "interval_s": d.rollout.interval}))
+        elif event == dep.STEP_REARMED:
+            self._baselines.pop(dep.key(d.target.role, d.target.version), None)
+            self.refresh(d.target.role, now, actions)
+            actions.append(Log("info", "rollout re-armed", fields))
+        # aborted / rolled-back: taken out and logged when decided
+
+    # ---------------------------------------------------------------- operators
+
+    def act(self, role: str, version: str, action: str, now: float) -> list:
+        """pause, resume, promote or abort the ramp of role@version."""
+        d = self.deployer.deployment(role, version)
+        if d is None or d.rollout is None:
+            raise KeyError(f"no rollout of {role}@{version} is configured")
+        if d.state != RAMPING:
+            raise ValueError(f"{role}@{version} is not ramping (state {d.state})")
+        actions: list = []
+        if action == "abort":
+            self._stop(d, dep.ABORTED, "aborted by an operator", self.figures(d), now, actions)
+        elif action == "pause":
+            if d.paused:
+                raise ValueError(f"the ramp of {role}@{version} is paused already")
+            self.deployer.write(d, d.record(dep.PAUSED, dep.ROLLOUT, now), actions)
+        elif action == "resume":
+            if not d.paused:
+                raise ValueError(f"the ramp of {role}@{version} is not paused")
+            self.deployer.write(d, d.record(dep.RESUMED, dep.ROLLOUT, now), actions)
+        elif action == "promote":
+            self.deployer.write(d, d.record(dep.PROMOTED, dep.ROLLOUT, now, detail=self.figures(d)), actions)
+        else:
+            raise ValueError(f"unknown rollout action {action!r}: one of {', '.join(ACTIONS)}")
+        return actions
+
+    def rollback(self, role: str, version: str, now: float) -> list:
+        """Take a live version out of production: the previous live version is stable again."""
+        pool = next((p for p in self.registry.pools.get(role, ()) if str(p.version) == str(version)), None)
+        d = self.deployer.deployment(role, version)
+        state = d.state if d is not None else (pool.state if pool is not None else None)
+        if pool is not None and pool.state in (DRAINING, DRAINED):
+            state = pool.state
+        if state not in (LIVE, DRAINING, DRAINED):
+            raise ValueError(f"{role}@{version} is not a live version (state {state or 'not connected'}); "
+                             "a ramping one is aborted instead")
+        actions: list = []
+        reason = "rolled back by an operator"
+        if d is not None:
+            self._stop(d, dep.ROLLED_BACK, reason, None, now, actions)
+            return actions
+        key = dep.key(role, version)
+        self.deployer.rolled_back[key] = reason
+        self.refresh(role, now, actions)
+        actions.append(Log("warning", "version rolled back", {"role": role, "version": str(key[1]), "reason": reason}))
+        record = {"role": role, "version": str(key[1]), "step": dep.ROLLOUT, "event": dep.ROLLED_BACK,
+                  "attempt": 0, "at": now, "error": reason, "detail": None}
+        actions.append(WriteRecord(record))
+        return actions
+
+    def _stop(self, d: dep.Deployment, event: str, reason: str, figures: dict[str, Any] | None, now: float,
+              actions: list, **fields) -> None:
+        """Out of production now (share 0 before anything is written), then recorded."""
+        was = d.state
+        d.taken_out = True
+        self.refresh(d.target.role, now, actions)
+        name = "rollout aborted" if event == dep.ABORTED else "version rolled back"
+        actions.append(Log("error" if event == dep.ABORTED else "warning", name, {
+            "role": d.target.role, "version": str(d.target.version), "was": was, "state": FAILED,
+            "step": d.ramp_step, "reason": reason, "figures": figures, **fields}))
+        self.deployer.write(d, d.record(event, dep.ROLLOUT, now, error=reason, detail=figures), actions)
+
