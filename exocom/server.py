@@ -54,18 +54,32 @@ class Limits:
     max_outbox_bytes: int = 8 * 1024 * 1024
 
 
-async def discard_until_eof(stream: trio.SocketStream) -> None:
-    """A lingering close: read and drop what the peer still sends until it
-    closes its side, bounded by LINGER_BYTES and CLOSE_TIMEOUT. Closing a
-    socket with unread data makes the kernel send a reset, which may destroy
-    the peer's copy of our close frame or HTTP response before it reads it."""
-    discarded = 0
+async def receive_or_eof(stream: trio.SocketStream) -> bytes:
+    """The next bytes from the peer; b"" once it closed or reset the connection."""
+    try:
+        return await stream.receive_some(RECEIVE_SIZE)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return b""
+
+
+async def discard_until_eof(stream: trio.SocketStream, decoder: FrameDecoder | None = None, data: bytes = b"") -> None:
+    """A lingering close: read and drop what the peer still sends (starting
+    with `data`) until it closes its side or, while `decoder` can still read
+    its frames, until its close frame ends the close handshake; bounded by
+    LINGER_BYTES and CLOSE_TIMEOUT. Closing a socket with unread data makes
+    the kernel send a reset, which may destroy the peer's copy of our close
+    frame or HTTP response before it reads it."""
+    discarded = len(data)
     with trio.move_on_after(CLOSE_TIMEOUT):
         while discarded < LINGER_BYTES:
-            try:
-                data = await stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+            if decoder is not None and data:
+                try:
+                    frames = decoder.feed(data)
+                except ProtocolError as e:
+                    frames, decoder = e.frames, None  # its framing is lost: read until it closes
+                if any(opcode == CLOSE for opcode, _ in frames):
+                    return
+            data = await receive_or_eof(stream)
             if not data:
                 return
             discarded += len(data)
@@ -394,13 +408,22 @@ class Server:
                 peer.closing = True
                 peer.wakeup.set()
                 nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
-                # While the writer flushes: a peer blocked sending (an oversized frame) reads nothing.
-                await discard_until_eof(stream)
         finally:
-            del self.peers[conn_id]
-            if self._all_closed is not None and not self.peers:
-                self._all_closed.set()
-            self.execute(self.broker.disconnected(conn_id, time.time()))
+            self._disconnected(peer)
+
+    def _disconnected(self, peer: Peer) -> None:
+        """The broker is done with the peer: what may follow (a lingering close) is the transport's."""
+        if self.peers.pop(peer.id, None) is None:
+            return
+        if self._all_closed is not None and not self.peers:
+            self._all_closed.set()
+        self.execute(self.broker.disconnected(peer.id, time.time()))
+
+    async def _linger(self, peer: Peer, decoder: FrameDecoder | None, data: bytes = b"") -> None:
+        """The broker closed the connection: wait for the peer to finish, reading what it still sends, while the writer
+        flushes the close frame (a peer blocked sending an oversized frame reads nothing)."""
+        self._disconnected(peer)
+        await discard_until_eof(peer.stream, decoder, data)
 
     async def _reader(self, peer: Peer, data: bytes) -> None:
         stream = peer.stream
@@ -411,7 +434,10 @@ class Server:
         perf_counter = time.perf_counter
         decoder = FrameDecoder(self.limits.max_frame_bytes)
         conn = peer.id
-        while not peer.closing:
+        while True:
+            if peer.closing:  # closed by the broker (a refusal, shutting down) while this task was reading
+                await self._linger(peer, decoder, data)
+                return
             if data:
                 violation = None
                 try:
@@ -425,6 +451,9 @@ class Server:
                         execute(frame_received(conn, payload, now))
                         stats.observe_latency(perf_counter() - started)
                         if peer.closing:
+                            # The rest of `frames` is dropped (a close frame among them is missed: the linger then
+                            # lasts until the peer closes its side or the bound passes).
+                            await self._linger(peer, decoder if violation is None else None)
                             return
                     elif opcode == PING:
                         pong = frame(PONG, payload)
@@ -440,11 +469,9 @@ class Server:
                         return
                 if violation is not None:
                     self._protocol_error(peer, violation, decoder.max_message)
+                    await self._linger(peer, None)
                     return
-            try:
-                data = await stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+            data = await receive_or_eof(stream)
             if not data:
                 return
 
