@@ -19,10 +19,9 @@ import signal
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Callable
 
 import h11
-import orjson
 import trio
 from wsproto.connection import ConnectionType
 from wsproto.events import AcceptConnection, RejectConnection
@@ -31,24 +30,17 @@ from wsproto.utilities import RemoteProtocolError as HandshakeError
 
 from ..core.actions import CLOSE_GOING_AWAY, CLOSE_TOO_LARGE, Close, Deliver, Log, WriteRecord
 from ..core.broker import Broker
-from ..core.config import parse_deployment
+from .closing import CLOSE_TIMEOUT, RECEIVE_SIZE, discard_until_eof, receive_or_eof
 from .frames import BINARY, CLOSE, PING, PONG, TEXT, FrameDecoder, ProtocolError, close_frame, frame, parse_close, text_header
 from .ledger import Ledger, LedgerError, LedgerLost
 from ..logs import get_logger
-from .readiness import readiness
-from .metrics import render as render_metrics
+from . import endpoints
+from .endpoints import respond
 
-RECEIVE_SIZE = 65536
 HTTP_TIMEOUT = 10.0
 MAX_REQUEST_HEAD = 16 * 1024  # request line and headers; larger ones get 431
-CLOSE_TIMEOUT = 2.0
 # How often the ledger writer checks, when idle, that the ledger file is still there.
 LEDGER_WATCH_INTERVAL = 1.0
-# A lingering close reads and drops at most this much of what a peer still
-# sends after the broker's close frame or HTTP response (and for at most
-# CLOSE_TIMEOUT): enough for a client that is in the middle of an oversized
-# frame to finish it and read why it was closed; past it, the socket is reset.
-LINGER_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -67,37 +59,6 @@ class Limits:
     def outbox_low_water(self) -> int:
         # Hysteresis: an instance at the mark does not flap in and out.
         return self.max_outbox_bytes // 32
-
-
-async def receive_or_eof(stream: trio.SocketStream) -> bytes:
-    """The next bytes from the peer; b"" once it closed or reset the connection."""
-    try:
-        return await stream.receive_some(RECEIVE_SIZE)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return b""
-
-
-async def discard_until_eof(stream: trio.SocketStream, decoder: FrameDecoder | None = None, data: bytes = b"") -> None:
-    """A lingering close: read and drop what the peer still sends (starting
-    with `data`) until it closes its side or, while `decoder` can still read
-    its frames, until its close frame ends the close handshake; bounded by
-    LINGER_BYTES and CLOSE_TIMEOUT. Closing a socket with unread data makes
-    the kernel send a reset, which may destroy the peer's copy of our close
-    frame or HTTP response before it reads it."""
-    discarded = len(data)
-    with trio.move_on_after(CLOSE_TIMEOUT):
-        while discarded < LINGER_BYTES:
-            if decoder is not None and data:
-                try:
-                    frames = decoder.feed(data)
-                except ProtocolError as e:
-                    frames, decoder = e.frames, None  # its framing is lost: read until it closes
-                if any(opcode == CLOSE for opcode, _ in frames):
-                    return
-            data = await receive_or_eof(stream)
-            if not data:
-                return
-            discarded += len(data)
 
 
 class Peer:
@@ -384,7 +345,7 @@ class Server:
             status = e.error_status_hint
             error = (f"request line and headers larger than {MAX_REQUEST_HEAD} bytes"
                      if status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE else f"bad HTTP request: {e}")
-            await self._respond(stream, http, status, {"error": error})
+            await respond(stream, http, status, {"error": error})
             return
         if request is None:
             return
@@ -403,53 +364,8 @@ class Server:
             return
         # HEAD (health checkers use it) answers as GET, without the body.
         method = b"GET" if request.method == b"HEAD" else request.method
-        if method == b"GET" and path == "/readyz":
-            status, body = await readiness(self)  # async: checks the ledger on a worker thread
-        else:
-            status, body = self._http_endpoint(method, path)
-        await self._respond(stream, http, status, body, with_body=request.method != b"HEAD")
-
-    def _http_endpoint(self, method: bytes, path: str) -> tuple[int, Any]:
-        if method == b"GET" and path == "/config.json":
-            return 200, self.broker.config_json()
-        if method == b"GET" and path == "/deployments":
-            path = getattr(self.ledger, "path", None)
-            return 200, {"deployments": self.broker.deployments_json(), "ledger": str(path) if path else None}
-        if method == b"POST" and path.startswith("/deployments/") and path.endswith("/retry"):
-            target = path[len("/deployments/"):-len("/retry")]
-            try:
-                deployment = parse_deployment(target)
-            except ValueError as e:
-                return 400, {"error": str(e)}
-            try:
-                self.execute(self.broker.retry(deployment.role, str(deployment.version), time.time()))
-            except KeyError as e:
-                return 404, {"error": e.args[0]}
-            except ValueError as e:
-                return 409, {"error": str(e)}
-            return 202, {"retrying": target}
-        if method == b"GET" and path == "/metrics":
-            return 200, render_metrics(self.broker, sum(p.outbox_bytes for p in self.peers.values()), len(self.peers))
-        if method == b"GET" and path == "/healthz":
-            return 200, {"status": "ok", "uptime_s": round(time.time() - self.started_at, 3)}
-        return 400, {"error": f"no endpoint {method.decode('latin-1')} {path}; "
-                              "services connect with a WebSocket to /services"}
-
-    async def _respond(self, stream, http: h11.Connection, status: int, body: Any, with_body: bool = True,
-                       headers: list[tuple[bytes, bytes]] = ()) -> None:
-        """Send the one response of this connection, then close it (lingering: the client may still be sending)."""
-        if isinstance(body, str):  # the Prometheus text format
-            data, content_type = body.encode(), "text/plain; version=0.0.4; charset=utf-8"
-        else:
-            data, content_type = orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n", "application/json"
-        out = http.send(h11.Response(status_code=status, reason=HTTPStatus(status).phrase, headers=[
-            ("content-type", content_type), ("content-length", str(len(data))), ("connection", "close"), *headers]))
-        if with_body:
-            out += http.send(h11.Data(data=data))
-        out += http.send(h11.EndOfMessage())
-        await stream.send_all(out)
-        await stream.send_eof()
-        await discard_until_eof(stream)
+        status, body = await endpoints.answer(self, method.decode("latin-1"), path)
+        await respond(stream, http, status, body, with_body=request.method != b"HEAD")
 
     # --------------------------------------------------------------- per peer
 
@@ -457,7 +373,7 @@ class Server:
                          leftover: bytes) -> None:
         if request.method != b"GET":
             # wsproto's initiate_upgrade_connection takes every request for a GET.
-            await self._respond(stream, http, HTTPStatus.METHOD_NOT_ALLOWED,
+            await respond(stream, http, HTTPStatus.METHOD_NOT_ALLOWED,
                                 {"error": f"a WebSocket upgrade must be a GET request, not {request.method.decode()}"},
                                 headers=[(b"allow", b"GET")])
             return
@@ -468,7 +384,7 @@ class Server:
         except HandshakeError as e:
             # wsproto says how to refuse: 426 with the versions it speaks for a Sec-WebSocket-Version other than 13.
             refusal = e.event_hint if isinstance(e.event_hint, RejectConnection) else RejectConnection()
-            await self._respond(stream, http, refusal.status_code, {"error": f"bad WebSocket handshake: {e}"},
+            await respond(stream, http, refusal.status_code, {"error": f"bad WebSocket handshake: {e}"},
                                 headers=refusal.headers)
             return
         if self.stopping:
