@@ -12,33 +12,33 @@ anybody else.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from http import HTTPStatus
+from typing import Callable
 
 import h11
-import orjson
 import trio
 from wsproto.connection import ConnectionType
-from wsproto.events import AcceptConnection
+from wsproto.events import AcceptConnection, RejectConnection
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as HandshakeError
 
 from ..core.actions import CLOSE_GOING_AWAY, CLOSE_TOO_LARGE, Close, Deliver, Log, WriteRecord
 from ..core.broker import Broker
-from ..core.config import parse_deployment
+from .closing import CLOSE_TIMEOUT, RECEIVE_SIZE, discard_until_eof, receive_or_eof
 from .frames import BINARY, CLOSE, PING, PONG, TEXT, FrameDecoder, ProtocolError, close_frame, frame, parse_close, text_header
 from .ledger import Ledger, LedgerError, LedgerLost
 from ..logs import get_logger
-from .readiness import readiness
-from .metrics import render as render_metrics
+from . import endpoints
+from .endpoints import respond
 
-RECEIVE_SIZE = 65536
 HTTP_TIMEOUT = 10.0
-CLOSE_TIMEOUT = 2.0
+MAX_REQUEST_HEAD = 16 * 1024  # request line and headers; larger ones get 431
 # How often the ledger writer checks, when idle, that the ledger file is still there.
 LEDGER_WATCH_INTERVAL = 1.0
 
@@ -321,20 +321,32 @@ class Server:
                 await stream.aclose()
 
     async def _handle_http(self, stream: trio.SocketStream, address: str) -> None:
-        http = h11.Connection(h11.SERVER)
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         request = None
-        with trio.move_on_after(HTTP_TIMEOUT):
-            while request is None:
-                event = http.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(RECEIVE_SIZE)
-                    if not data:
+        try:
+            with trio.move_on_after(HTTP_TIMEOUT):
+                while request is None:
+                    event = http.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await stream.receive_some(RECEIVE_SIZE)
+                        if not data:
+                            return
+                        http.receive_data(data)
+                    elif isinstance(event, h11.Request):
+                        request = event
+                    else:
                         return
-                    http.receive_data(data)
-                elif isinstance(event, h11.Request):
-                    request = event
-                else:
-                    return
+            # h11 enforces its limit only on a head that is still incomplete: one that arrived whole in a single
+            # read is measured here, so that the limit does not depend on how the bytes were split.
+            if request is not None and len(request.target) + sum(
+                    len(name) + len(value) + 4 for name, value in request.headers) > MAX_REQUEST_HEAD:
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+        except h11.RemoteProtocolError as e:
+            status = e.error_status_hint
+            error = (f"request line and headers larger than {MAX_REQUEST_HEAD} bytes"
+                     if status == HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE else f"bad HTTP request: {e}")
+            await respond(stream, http, status, {"error": error})
+            return
         if request is None:
             return
         target = request.target.decode("latin-1")
@@ -352,60 +364,28 @@ class Server:
             return
         # HEAD (health checkers use it) answers as GET, without the body.
         method = b"GET" if request.method == b"HEAD" else request.method
-        if method == b"GET" and path == "/readyz":
-            status, body = await readiness(self)  # async: checks the ledger on a worker thread
-        else:
-            status, body = self._http_endpoint(method, path)
-        await self._respond(stream, http, status, body, with_body=request.method != b"HEAD")
-
-    def _http_endpoint(self, method: bytes, path: str) -> tuple[int, Any]:
-        if method == b"GET" and path == "/config.json":
-            return 200, self.broker.config_json()
-        if method == b"GET" and path == "/deployments":
-            path = getattr(self.ledger, "path", None)
-            return 200, {"deployments": self.broker.deployments_json(), "ledger": str(path) if path else None}
-        if method == b"POST" and path.startswith("/deployments/") and path.endswith("/retry"):
-            target = path[len("/deployments/"):-len("/retry")]
-            try:
-                deployment = parse_deployment(target)
-            except ValueError as e:
-                return 400, {"error": str(e)}
-            try:
-                self.execute(self.broker.retry(deployment.role, str(deployment.version), time.time()))
-            except KeyError as e:
-                return 404, {"error": e.args[0]}
-            except ValueError as e:
-                return 409, {"error": str(e)}
-            return 202, {"retrying": target}
-        if method == b"GET" and path == "/metrics":
-            return 200, render_metrics(self.broker, sum(p.outbox_bytes for p in self.peers.values()), len(self.peers))
-        if method == b"GET" and path == "/healthz":
-            return 200, {"status": "ok", "uptime_s": round(time.time() - self.started_at, 3)}
-        return 400, {"error": f"no endpoint {method.decode('latin-1')} {path}; "
-                              "services connect with a WebSocket to /services"}
-
-    async def _respond(self, stream, http: h11.Connection, status: int, body: Any, with_body: bool = True) -> None:
-        if isinstance(body, str):  # the Prometheus text format
-            data, content_type = body.encode(), "text/plain; version=0.0.4; charset=utf-8"
-        else:
-            data, content_type = orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n", "application/json"
-        out = http.send(h11.Response(status_code=status, headers=[
-            ("content-type", content_type), ("content-length", str(len(data))), ("connection", "close")]))
-        if with_body:
-            out += http.send(h11.Data(data=data))
-        out += http.send(h11.EndOfMessage())
-        await stream.send_all(out)
+        status, body = await endpoints.answer(self, method.decode("latin-1"), path)
+        await respond(stream, http, status, body, with_body=request.method != b"HEAD")
 
     # --------------------------------------------------------------- per peer
 
     async def _websocket(self, stream: trio.SocketStream, http: h11.Connection, address: str, request: h11.Request,
                          leftover: bytes) -> None:
+        if request.method != b"GET":
+            # wsproto's initiate_upgrade_connection takes every request for a GET.
+            await respond(stream, http, HTTPStatus.METHOD_NOT_ALLOWED,
+                                {"error": f"a WebSocket upgrade must be a GET request, not {request.method.decode()}"},
+                                headers=[(b"allow", b"GET")])
+            return
         handshake = H11Handshake(ConnectionType.SERVER)
         try:
             handshake.initiate_upgrade_connection(request.headers, request.target)
             accept = handshake.send(AcceptConnection())
         except HandshakeError as e:
-            await self._respond(stream, http, 400, {"error": f"bad WebSocket handshake: {e}"})
+            # wsproto says how to refuse: 426 with the versions it speaks for a Sec-WebSocket-Version other than 13.
+            refusal = e.event_hint if isinstance(e.event_hint, RejectConnection) else RejectConnection()
+            await respond(stream, http, refusal.status_code, {"error": f"bad WebSocket handshake: {e}"},
+                                headers=refusal.headers)
             return
         if self.stopping:
             return
@@ -424,10 +404,23 @@ class Server:
                 peer.wakeup.set()
                 nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
         finally:
-            del self.peers[conn_id]
-            if self._all_closed is not None and not self.peers:
-                self._all_closed.set()
-            self.execute(self.broker.disconnected(conn_id, time.time(), peer.unsent + _messages_in(peer.outbox)))
+            self._disconnected(peer, peer.unsent + _messages_in(peer.outbox))
+
+    def _disconnected(self, peer: Peer, unsent: list[bytes]) -> None:
+        """The broker is done with the peer: what may follow (a lingering close) is the transport's.
+        `unsent`: messages delivered to it that will never reach its socket, for the core to re-route."""
+        if self.peers.pop(peer.id, None) is None:
+            return
+        if self._all_closed is not None and not self.peers:
+            self._all_closed.set()
+        self.execute(self.broker.disconnected(peer.id, time.time(), unsent))
+
+    async def _linger(self, peer: Peer, decoder: FrameDecoder | None, data: bytes = b"") -> None:
+        """The broker closed the connection: wait for the peer to finish, reading what it still sends, while the writer
+        flushes the close frame (a peer blocked sending an oversized frame reads nothing)."""
+        # The writer still flushes the outbox: only what never got into it goes elsewhere.
+        self._disconnected(peer, peer.unsent)
+        await discard_until_eof(peer.stream, decoder, data)
 
     async def _reader(self, peer: Peer, data: bytes) -> None:
         stream = peer.stream
@@ -438,19 +431,16 @@ class Server:
         perf_counter = time.perf_counter
         decoder = FrameDecoder(self.limits.max_frame_bytes)
         conn = peer.id
-        while not peer.closing:
+        while True:
+            if peer.closing:  # closed by the broker (a refusal, shutting down) while this task was reading
+                await self._linger(peer, decoder, data)
+                return
             if data:
+                violation = None
                 try:
                     frames = decoder.feed(data)
                 except ProtocolError as e:
-                    if e.code == CLOSE_TOO_LARGE:
-                        stats.frames_too_large += 1
-                        self.log.warning("frame too large", conn=conn, peer=peer.address, limit_bytes=decoder.max_message,
-                                         reason="frames above the limit close the connection (--max-frame-bytes)")
-                    else:
-                        self.log.warning("protocol error", conn=conn, peer=peer.address, code=e.code, reason=e.reason)
-                    peer.close(e.code, e.reason)
-                    return
+                    frames, violation = e.frames, e
                 now = clock()
                 for opcode, payload in frames:
                     if opcode == TEXT or opcode == BINARY:
@@ -458,6 +448,9 @@ class Server:
                         execute(frame_received(conn, payload, now))
                         stats.observe_latency(perf_counter() - started)
                         if peer.closing:
+                            # The rest of `frames` is dropped (a close frame among them is missed: the linger then
+                            # lasts until the peer closes its side or the bound passes).
+                            await self._linger(peer, decoder if violation is None else None)
                             return
                     elif opcode == PING:
                         pong = frame(PONG, payload)
@@ -468,21 +461,35 @@ class Server:
                         peer.push(pong)
                     elif opcode == CLOSE:
                         code, _ = parse_close(payload)
-                        # Echo the peer's close code, as RFC 6455 asks.
-                        peer.close(code if 1000 <= code < 5000 and code not in (1005, 1006) else 1000, "")
+                        # Echo the peer's close code, as RFC 6455 asks (the decoder refused codes that may not be sent).
+                        peer.close(1000 if code == 1005 else code, "")
                         return
-            try:
-                data = await stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+                if violation is not None:
+                    self._protocol_error(peer, violation, decoder.max_message)
+                    await self._linger(peer, None)
+                    return
+            data = await receive_or_eof(stream)
             if not data:
                 return
+
+    def _protocol_error(self, peer: Peer, e: ProtocolError, max_message: int) -> None:
+        if e.code == CLOSE_TOO_LARGE:
+            self.broker.stats.frames_too_large += 1
+            self.log.warning("frame too large", conn=peer.id, peer=peer.address, limit_bytes=max_message,
+                             reason="frames above the limit close the connection (--max-frame-bytes)")
+        else:
+            self.log.warning("protocol error", conn=peer.id, peer=peer.address, code=e.code, reason=e.reason)
+        peer.close(e.code, e.reason)
 
     async def _writer(self, peer: Peer) -> None:
         stream = peer.stream
         while True:
             if not peer.outbox:
                 if peer.closing:
+                    # The end of our side: a peer that waits for the server to close first (RFC 6455 §7.1.1) closes
+                    # its own, which ends the lingering close.
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await stream.send_eof()
                     return
                 peer.wakeup = trio.Event()
                 await peer.wakeup.wait()

@@ -1,0 +1,69 @@
+"""The HTTP endpoints beside `/services`, all on the broker's one port.
+
+`answer` maps a request to a status and a body (JSON, or the Prometheus
+text format); `respond` sends it and closes the connection.
+"""
+
+from __future__ import annotations
+
+import time
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+import h11
+import orjson
+import trio
+
+from ..core.config import parse_deployment
+from .closing import discard_until_eof
+from .metrics import render as render_metrics
+from .readiness import readiness
+
+if TYPE_CHECKING:
+    from .listener import Server
+
+
+async def answer(server: Server, method: str, path: str) -> tuple[int, Any]:
+    if method == "GET" and path == "/readyz":
+        return await readiness(server)  # async: checks the ledger on a worker thread
+    broker = server.broker
+    if method == "GET" and path == "/config.json":
+        return 200, broker.config_json()
+    if method == "GET" and path == "/deployments":
+        ledger_path = getattr(server.ledger, "path", None)
+        return 200, {"deployments": broker.deployments_json(), "ledger": str(ledger_path) if ledger_path else None}
+    if method == "POST" and path.startswith("/deployments/") and path.endswith("/retry"):
+        target = path[len("/deployments/"):-len("/retry")]
+        try:
+            deployment = parse_deployment(target)
+        except ValueError as e:
+            return 400, {"error": str(e)}
+        try:
+            server.execute(broker.retry(deployment.role, str(deployment.version), time.time()))
+        except KeyError as e:
+            return 404, {"error": e.args[0]}
+        except ValueError as e:
+            return 409, {"error": str(e)}
+        return 202, {"retrying": target}
+    if method == "GET" and path == "/metrics":
+        return 200, render_metrics(broker, sum(p.outbox_bytes for p in server.peers.values()), len(server.peers))
+    if method == "GET" and path == "/healthz":
+        return 200, {"status": "ok", "uptime_s": round(time.time() - server.started_at, 3)}
+    return 400, {"error": f"no endpoint {method} {path}; services connect with a WebSocket to /services"}
+
+
+async def respond(stream: trio.SocketStream, http: h11.Connection, status: int, body: Any, with_body: bool = True,
+                  headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """Send the one response of this connection, then close it (lingering: the client may still be sending)."""
+    if isinstance(body, str):  # the Prometheus text format
+        data, content_type = body.encode(), "text/plain; version=0.0.4; charset=utf-8"
+    else:
+        data, content_type = orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n", "application/json"
+    out = http.send(h11.Response(status_code=status, reason=HTTPStatus(status).phrase, headers=[
+        ("content-type", content_type), ("content-length", str(len(data))), ("connection", "close"), *headers]))
+    if with_body:
+        out += http.send(h11.Data(data=data))
+    out += http.send(h11.EndOfMessage())
+    await stream.send_all(out)
+    await stream.send_eof()
+    await discard_until_eof(stream)
