@@ -158,6 +158,12 @@ async def deployment(port: int, version: str = NEW) -> dict:
     return d
 
 
+def failure_recorded(d: dict) -> bool:
+    """A step of the deployment is failed in the ledger (its version is out of
+    production already before that: failure never waits for the ledger)."""
+    return any(s["status"] == "failed" for s in d["steps"])
+
+
 def steps(d: dict) -> dict[str, tuple[str, int]]:
     """{"offline": (status, attempts), "online": (status, attempts)}"""
     return {s["step"]: (s["status"], s["attempts"]) for s in d["steps"]}

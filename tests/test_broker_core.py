@@ -238,7 +238,7 @@ def test_old_client_registration_is_version_zero():
     h = Harness(ROUTES)
     h.connect("web", payload={"clientName": "web"})
     [client] = h.broker.config_json()["clients"]
-    assert client["versions"] == [{"version": "0.0.0", "state": "live", "instances": 1}]
+    assert client["versions"] == [{"version": "0.0.0", "state": "live", "instances": 1, "share": 100.0}]
 
 
 def test_no_receivers_is_logged():

@@ -15,7 +15,8 @@ import sqlite3
 import pytest
 import trio
 
-from fleet import (EXOCOM, FAST, NEW, OLD, ScriptLog, ask, deployment, deployment_script, handlers, routes, steps,
+from fleet import (EXOCOM, FAST, NEW, OLD, ScriptLog, ask, deployment, deployment_script, failure_recorded, handlers,
+                   routes, steps,
                    todos, todos_states, wait_connected, wait_deployment, web)
 from processes import BrokerProcess
 
@@ -173,7 +174,7 @@ async def test_online_step_started_but_not_answered_a_live_version_stays_live_af
 
         await start(broker)
         await wait_connected(broker.port, OLD, NEW, roles=("web",))
-        assert await todos_states(broker.port) == {NEW: "live", OLD: "live"}
+        assert await todos_states(broker.port) == {NEW: "live", OLD: "draining"}
         assert await ask(client, "after-restart") == NEW
         assert await ask(client, "pinned-1", version="1") == OLD
         d = await deployment(broker.port)
@@ -203,7 +204,7 @@ async def test_a_finished_deployment_starts_nothing_after_a_crash(broker):
         await crash(broker)
         await start(broker)
         await wait_connected(broker.port, OLD, NEW)
-        assert await todos_states(broker.port) == {NEW: "live", OLD: "live"}
+        assert await todos_states(broker.port) == {NEW: "live", OLD: "draining"}
         assert await ask(client, "after-restart") == NEW
 
         # A canary: a second deployment whose pair connects only now. The ledger
@@ -238,7 +239,7 @@ async def test_exocom_deployments_lists_and_rearms_the_ledger_while_the_broker_i
     log = ScriptLog()
     async with todos(broker.url, OLD, []), web(broker.url) as client, todos(broker.url, NEW, []), \
             deployment_script(broker.url, log, online=online):
-        await wait_deployment(broker.port, lambda d: d["state"] == "failed", "the online step to fail")
+        await wait_deployment(broker.port, failure_recorded, "the online step to fail")
         await crash(broker)
 
         code, out, err = await exocom_deployments(broker)

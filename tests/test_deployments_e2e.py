@@ -14,7 +14,8 @@ import sqlite3
 import pytest
 import trio
 
-from fleet import (EXOCOM, NEW, OLD, PREFIX, ScriptLog, ask, deployment, deployment_script, get, http, routes,
+from fleet import (EXOCOM, NEW, OLD, PREFIX, ScriptLog, ask, deployment, deployment_script, failure_recorded, get, http,
+                   routes,
                    handlers, steps, todos, todos_states, wait_deployment, web)
 from processes import free_port
 from wire import running_broker
@@ -74,7 +75,7 @@ async def test_new_version_is_held_during_offline_then_serves_beside_the_old_one
             d = await deployment(broker.port)
             assert (d["state"], d["inFlight"], d["finished"]) == ("live", "online", False)
             assert steps(d) == {"offline": ("done", 1), "online": ("started", 1)}
-            assert await todos_states(broker.port) == {NEW: "live", OLD: "live"}
+            assert await todos_states(broker.port) == {NEW: "live", OLD: "draining"}
 
             # Live: unpinned traffic to the newest live version, pinned traffic as asked.
             for i in range(3):
@@ -96,8 +97,8 @@ async def test_new_version_is_held_during_offline_then_serves_beside_the_old_one
             assert config["routes"]["todos-deployment"]["deploys"] == f"todos@{NEW}"
             [todos_client] = [c for c in config["clients"] if c["role"] == "todos"]
             assert todos_client["instances"] == 2
-            assert todos_client["versions"] == [{"version": NEW, "state": "live", "instances": 1},
-                                                {"version": OLD, "state": "live", "instances": 1}]
+            assert todos_client["versions"] == [{"version": NEW, "state": "live", "instances": 1, "share": 100.0},
+                                                {"version": OLD, "state": "draining", "instances": 1, "share": 0.0}]
 
 
 async def test_the_version_goes_live_only_once_offline_done_is_on_disk(tmp_path):
@@ -167,7 +168,7 @@ async def test_failed_online_step_takes_the_version_out_and_retry_reruns_only_th
     async with running_broker(routes(), tmp_path=tmp_path) as broker, \
             todos(broker.url, OLD, old_got), web(broker.url) as client, todos(broker.url, NEW, new_got), \
             deployment_script(broker.url, log, offline=offline, online=online):
-        d = await wait_deployment(broker.port, lambda d: d["state"] == "failed", "the online step to fail")
+        d = await wait_deployment(broker.port, failure_recorded, "the online step to fail")
         assert steps(d) == {"offline": ("done", 1), "online": ("failed", 1)}
         online_step = d["steps"][1]
         assert online_step["lastError"] == "RuntimeError: search index unreachable"
@@ -184,7 +185,7 @@ async def test_failed_online_step_takes_the_version_out_and_retry_reruns_only_th
         assert d["state"] == "live"
         assert calls == {"offline": 1, "online": 2}
         assert log.starts == [("offline", 1), ("online", 1), ("online", 2)]
-        assert await todos_states(broker.port) == {NEW: "live", OLD: "live"}
+        assert await todos_states(broker.port) == {NEW: "live", OLD: "draining"}
         assert await ask(client, "after-retry") == NEW
 
         # Nothing left to retry, and no such deployment.
@@ -215,7 +216,7 @@ async def test_a_step_past_its_time_limit_fails_and_a_late_answer_is_ignored(tmp
 
         setup = handlers(**{f"{PREFIX}-offline-start": offline_start, f"{PREFIX}-online-start": online_start})
         async with open_relay(broker.url, "todos-deployment", setup=setup) as script:
-            d = await wait_deployment(broker.port, lambda d: d["state"] == "failed", "the time limit", timeout=5)
+            d = await wait_deployment(broker.port, lambda d: steps(d)["offline"][0] == "failed", "the time limit", timeout=5)
             assert d["stepTimeout"] == 0.5
             offline_step = d["steps"][0]
             assert steps(d) == {"offline": ("failed", 1), "online": ("pending", 0)}
@@ -301,7 +302,7 @@ async def test_a_late_answer_to_an_earlier_attempt_does_not_settle_the_running_a
 
         setup = handlers(**{f"{PREFIX}-offline-start": offline_start, f"{PREFIX}-online-start": online_start})
         async with open_relay(broker.url, "todos-deployment", setup=setup) as script:
-            await wait_deployment(broker.port, lambda d: d["state"] == "failed", "the time limit")
+            await wait_deployment(broker.port, failure_recorded, "the time limit")
             status, body = await http(broker.port, "POST", f"/deployments/todos@{NEW}/retry")
             assert status == 202, body
             with trio.fail_after(5):

@@ -16,7 +16,7 @@ from trio_websocket import ConnectionClosed, serve_websocket
 
 from exocom.relay import (DeploymentScript, Message, RegistrationRefused, RelayClosed, RelayError, RequestTimeout,
                           open_relay)
-from fleet import relay_events, wait_until
+from fleet import failure_recorded, relay_events, wait_until
 from processes import BrokerProcess
 from wire import running_broker
 
@@ -367,7 +367,7 @@ async def test_deployment_script_failure_reports_the_exception_text(tmp_path):
 
             async def failed():
                 d = (await deployments(broker.port))["todos@2.0.0"]
-                return d if d["state"] == "failed" else None
+                return d if failure_recorded(d) else None
             d = await wait_until(failed, "the deployment to fail")
             [offline_step, online_step] = d["steps"]
             assert offline_step["status"] == "failed"

@@ -249,7 +249,22 @@ class Broker:
         return self.deployer.deployment(role, version)
 
     def config_json(self) -> dict[str, Any]:
-        return {"clients": self.registry.clients(), "routes": with_implicit_routes(self.config.to_service_data())}
+        clients = self.registry.clients()
+        for client in clients:
+            for version in client["versions"]:
+                version["share"] = self.share_of(client["role"], version["version"], version["state"])
+        return {"clients": clients, "routes": with_implicit_routes(self.config.to_service_data())}
+
+    def share_of(self, role: str, version: str, state: str) -> float:
+        """Percent of the role's new activities that go to this version now."""
+        if state == "live":
+            ramping = sum(self.deployer.state_of(role, p.version)[1] for p in self.registry.pools.get(role, ())
+                          if p.state == "ramping")
+            return max(0.0, 100.0 - ramping)
+        if state == "ramping":
+            d = self.deployer.deployment(role, version)
+            return d.share if d is not None else 0.0
+        return 0.0
 
     def deployments_json(self) -> list[dict[str, Any]]:
         out = self.deployer.to_json()

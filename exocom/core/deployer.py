@@ -123,7 +123,8 @@ class Deployer:
         d.in_flight = None
         actions: list = []
         if outcome == "done":
-            self.write(d, d.record(dep.STEP_DONE, step, now), actions)
+            ramp = {"rollout": d.rollout.to_json()} if step == dep.OFFLINE and d.rollout is not None else None
+            self.write(d, d.record(dep.STEP_DONE, step, now, detail=ramp), actions)
         else:
             payload = message.get("payload")
             reason = payload.get("reason") if isinstance(payload, dict) else None

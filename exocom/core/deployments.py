@@ -169,7 +169,12 @@ class Deployment:
             step.status = DONE
             step.ended_at = record["at"]
             if step.name == OFFLINE:
-                self.ramp_step, self.ramp_since = 0, record["at"]
+                # The ramp begins only where the record says a rollout was declared when
+                # the version went live (a ledger of an older release, or a rollout
+                # declared later, finds the version live already).
+                ramps = (record.get("detail") or {}).get("rollout") is not None
+                last = len(self.rollout.steps) - 1 if self.rollout is not None else 0
+                self.ramp_step, self.ramp_since = (0 if ramps else last), record["at"]
         elif event == STEP_FAILED_EVENT:
             step.status = STEP_FAILED
             step.ended_at = record["at"]

@@ -15,12 +15,32 @@ import orjson
 import trio
 
 from ..core.config import parse_deployment
+from ..core.ramps import ACTIONS as ROLLOUT_ACTIONS
 from .closing import discard_until_eof
 from .metrics import render as render_metrics
 from .readiness import readiness
 
 if TYPE_CHECKING:
     from .listener import Server
+
+
+ROLLOUT_DONE = {"pause": "paused", "resume": "resumed", "promote": "promoted", "abort": "aborted"}
+
+
+def _operator_action(server: Server, target: str, act, done: str) -> tuple[int, Any]:
+    """POST /deployments/ROLE@VERSION/retry and its siblings: 202, or 400 (not
+    ROLE@VERSION), 404 (not configured) or 409 (not now), each saying why."""
+    try:
+        deployment = parse_deployment(target)
+    except ValueError as e:
+        return 400, {"error": str(e)}
+    try:
+        server.execute(act(deployment.role, str(deployment.version), time.time()))
+    except KeyError as e:
+        return 404, {"error": e.args[0]}
+    except ValueError as e:
+        return 409, {"error": str(e)}
+    return 202, {done: str(deployment)}
 
 
 async def answer(server: Server, method: str, path: str) -> tuple[int, Any]:
@@ -33,18 +53,15 @@ async def answer(server: Server, method: str, path: str) -> tuple[int, Any]:
         ledger_path = getattr(server.ledger, "path", None)
         return 200, {"deployments": broker.deployments_json(), "ledger": str(ledger_path) if ledger_path else None}
     if method == "POST" and path.startswith("/deployments/") and path.endswith("/retry"):
-        target = path[len("/deployments/"):-len("/retry")]
-        try:
-            deployment = parse_deployment(target)
-        except ValueError as e:
-            return 400, {"error": str(e)}
-        try:
-            server.execute(broker.retry(deployment.role, str(deployment.version), time.time()))
-        except KeyError as e:
-            return 404, {"error": e.args[0]}
-        except ValueError as e:
-            return 409, {"error": str(e)}
-        return 202, {"retrying": target}
+        return _operator_action(server, path[len("/deployments/"):-len("/retry")], broker.retry, "retrying")
+    if method == "POST" and path.startswith("/deployments/") and "/rollout/" in path:
+        target, _, action = path[len("/deployments/"):].partition("/rollout/")
+        if action not in ROLLOUT_ACTIONS:
+            return 400, {"error": f"no rollout action {action!r}: one of {', '.join(ROLLOUT_ACTIONS)}"}
+        return _operator_action(server, target, lambda role, version, now: broker.rollout(role, version, action, now),
+                                ROLLOUT_DONE[action])
+    if method == "POST" and path.startswith("/versions/") and path.endswith("/rollback"):
+        return _operator_action(server, path[len("/versions/"):-len("/rollback")], broker.rollback, "rolledBack")
     if method == "GET" and path == "/metrics":
         return 200, render_metrics(broker, sum(p.outbox_bytes for p in server.peers.values()), len(server.peers))
     if method == "GET" and path == "/healthz":

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
+from ..core.figures import REPLY_TIME_BUCKETS
 from ..core.stats import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
@@ -71,16 +72,47 @@ def render(broker: Broker, outbox_bytes: int, connections_open: int) -> str:
                 durations.append((_labels(role=d.target.role, version=str(d.target.version), step=step.name),
                                   float(step.ended_at - step.started_at)))
     metric("exocom_deployment_state", "gauge", "1 for the current state of each declared deployment.", states)
+    versions = [(client["role"], v) for client in broker.config_json()["clients"] for v in client["versions"]]
+    metric("exocom_version_share_percent", "gauge", "Percent of the role's new activities its version gets now.",
+           [(_labels(role=r, version=v["version"]), float(v["share"])) for r, v in versions])
+    metric("exocom_version_state", "gauge",
+           "1 for the state of each connected version (held, ramping, live, draining, drained, failed).",
+           [(_labels(role=r, version=v["version"], state=v["state"]), 1) for r, v in versions])
+    ramps = [(d, d.rollout) for d in broker.deployments.values() if d.rollout is not None]
+    metric("exocom_rollout_step", "gauge", "The ramp step in force (0-based) of each declared rollout.",
+           [(_labels(role=d.target.role, version=str(d.target.version)), d.ramp_step) for d, _ in ramps])
+    metric("exocom_rollout_paused", "gauge", "1 while an operator paused the ramp.",
+           [(_labels(role=d.target.role, version=str(d.target.version)), int(d.paused)) for d, _ in ramps])
+    figures = sorted(stats.by_version.items())
+    metric("exocom_replies_total", "counter",
+           "Replies of each version (messages it sent on an activity it was sent a message on), by outcome "
+           "(error: a name in its rollout's errorMessages).",
+           [(_labels(role=r, version=v, outcome=outcome), n) for (r, v), f in figures
+            for outcome, n in (("ok", f.replies - f.errors), ("error", f.errors))])
+    metric("exocom_instance_disconnects_total", "counter", "Instances of each version that disconnected.",
+           [(_labels(role=r, version=v), f.disconnects) for (r, v), f in figures])
+    lines.append("# HELP exocom_reply_seconds Reply time of each version (the responseTime of its replies).")
+    lines.append("# TYPE exocom_reply_seconds histogram")
+    for (role, version), f in figures:
+        _histogram(lines, "exocom_reply_seconds", REPLY_TIME_BUCKETS, f.buckets, f.reply_time_sum,
+                   role=role, version=version)
     metric("exocom_deployment_step_duration_seconds", "gauge", "Duration of the last finished run of each step.",
            durations)
     lines.append("# HELP exocom_routing_seconds Time to route one frame, from decoded to queued.")
     lines.append("# TYPE exocom_routing_seconds histogram")
-    cumulative = 0
-    for bound, count in zip(LATENCY_BUCKETS, stats.latency_counts):
-        cumulative += count
-        lines.append(f'exocom_routing_seconds_bucket{{le="{bound:g}"}} {cumulative}')
-    cumulative += stats.latency_counts[-1]
-    lines.append(f'exocom_routing_seconds_bucket{{le="+Inf"}} {cumulative}')
-    lines.append(f"exocom_routing_seconds_sum {stats.latency_sum:g}")
-    lines.append(f"exocom_routing_seconds_count {cumulative}")
+    _histogram(lines, "exocom_routing_seconds", LATENCY_BUCKETS, stats.latency_counts, stats.latency_sum)
     return "\n".join(lines) + "\n"
+
+
+def _histogram(lines: list[str], name: str, bounds: tuple[float, ...], counts: list[int], total: float,
+               **labels: str) -> None:
+    """The samples of one Prometheus histogram; `counts` has one more entry than `bounds` (the open bucket)."""
+    cumulative = 0
+    for bound, count in zip(bounds, counts):
+        cumulative += count
+        lines.append(f"{name}_bucket{_labels(**labels, le=f'{bound:g}')} {cumulative}")
+    cumulative += counts[-1]
+    lines.append(f"{name}_bucket{_labels(**labels, le='+Inf')} {cumulative}")
+    suffix = _labels(**labels) if labels else ""
+    lines.append(f"{name}_sum{suffix} {total:g}")
+    lines.append(f"{name}_count{suffix} {cumulative}")
