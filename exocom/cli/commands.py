@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default 0: unlimited; env EXOCOM_MAX_MESSAGES_PER_SECOND)")
     serve.add_argument("--step-timeout", type=float, default=300.0, help="time limit of a deployment step in seconds (default 300; per deployment: stepTimeout)")
     serve.add_argument("--grace-period", type=float, default=5.0, help="seconds to wait for connections to close on SIGTERM (default 5)")
+    serve.add_argument("--drain-period", type=float, default=float(os.environ.get("EXOCOM_DRAIN_PERIOD", "30")),
+                       help="seconds without traffic after which a replaced (draining) version is drained: safe to "
+                            "stop (default 30; env EXOCOM_DRAIN_PERIOD)")
 
     deployments = sub.add_parser("deployments", help="list deployments (from the running broker, else its ledger), "
                                                      "retry a failed one, or reset a lost or damaged ledger",
@@ -179,7 +182,7 @@ def serve(args, environ) -> int:
         return fail(f"{e}; pass a writable --state-dir or set EXOCOM_STATE_DIR")
     broker = Broker(config, ledger_records=records, step_timeout=args.step_timeout,
                     log_deliveries=args.log_level == "debug", max_messages_per_second=args.max_messages_per_second,
-                    now=time.time())
+                    drain_period=args.drain_period, now=time.time())
     server = Server(broker, ledger, Limits(args.max_frame_bytes, args.max_outbox_bytes), grace_period=args.grace_period)
 
     listen_error: list[OSError] = []
