@@ -3,7 +3,8 @@
 In this order:
 
 1. Affinity: the instance already on the activity, whatever its version --
-   but a held or failed version only when it asked on this activity itself.
+   but a held version only when it asked on this activity itself (its
+   deployment may query others), and a failed one never.
 2. A `version` requirement: the newest live, draining or drained version
    that satisfies it; a ramping version only when no other one does.
 3. Otherwise a new activity: a ramping version takes it when the activity's
@@ -23,12 +24,11 @@ from __future__ import annotations
 from typing import NamedTuple
 from zlib import crc32
 
-from .registry import RAMPING, SERVING, Instance, Registry, VersionPool
+from .registry import HELD, RAMPING, SERVING, Instance, Registry, VersionPool
 from .versions import Requirement
 
 BUCKETS = 10_000  # shares are chosen in hundredths of a percent
-# Affinity reaches these whoever started the activity; held and failed
-# versions only on an activity they asked on themselves.
+# Affinity reaches these whoever started the activity.
 _AFFINITY = SERVING | {RAMPING}
 
 
@@ -58,7 +58,7 @@ class Choice:
             if member is not None:
                 instance = self.registry.by_conn.get(abs(member))
                 if instance is not None and public in instance.profile.receives and (
-                    member > 0 or instance.pool.state in _AFFINITY
+                    instance.pool.state in _AFFINITY or (member > 0 and instance.pool.state == HELD)
                 ):
                     return instance, ""
         if requirement is not None:
