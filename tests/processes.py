@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -68,6 +69,15 @@ class BrokerProcess:
                 return json.loads(response.read())
         except OSError:
             return None
+
+    def post(self, path: str) -> int:
+        """POST without a body; the HTTP status."""
+        request = urllib.request.Request(self.http + path, method="POST", data=b"")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
 
     def events(self) -> list[dict]:
         lines = self.log_path.read_text().splitlines()
