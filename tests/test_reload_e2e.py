@@ -5,7 +5,6 @@ the whole time: SIGHUP, `POST /reload` and `exocom reload`."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 
@@ -14,7 +13,8 @@ import trio
 
 from fleet import (EXOCOM, FAST, NEW, OLD, ScriptLog, ask, deployment, deployment_script, handlers, http, routes,
                    todos, todos_states, wait_deployment, wait_until, web)
-from processes import BrokerProcess
+from processes import BrokerProcess, broker_with_config
+from test_crash_restart import cli_env, start
 
 from exocom.relay import RegistrationRefused, RequestTimeout, open_relay
 
@@ -25,18 +25,8 @@ BROKEN = {**AFTER, "todos": {**AFTER["todos"], "recieves": ["todos.list"]}}
 
 @pytest.fixture
 def broker(tmp_path):
-    config = tmp_path / "routes.json"
-    config.write_text(json.dumps(BEFORE))
-    process = BrokerProcess(tmp_path, "--config", str(config))
-    process.config = config
-    try:
+    with broker_with_config(tmp_path, BEFORE) as process:
         yield process
-    finally:
-        process.stop()
-
-
-async def start(broker: BrokerProcess) -> None:
-    await trio.to_thread.run_sync(broker.start)
 
 
 def events(broker: BrokerProcess, name: str) -> list[dict]:
@@ -127,15 +117,10 @@ async def test_sighup_adds_a_deployment_under_traffic_without_dropping_a_connect
           f"slowest {traffic.slowest * 1000:.1f} ms")
 
 
-def cli_env(port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXOCOM_") and k not in ("SERVICE_DATA", "PORT")}
-    return {**env, "EXOCOM_PORT": str(port)}
-
-
 async def exocom_reload(broker: BrokerProcess, *args: str) -> tuple[int, str, str]:
     with trio.fail_after(30):
         result = await trio.run_process([*EXOCOM, "reload", *args], capture_stdout=True, capture_stderr=True,
-                                        check=False, env=cli_env(broker.port))
+                                        check=False, env={**cli_env(), "EXOCOM_PORT": str(broker.port)})
     return result.returncode, result.stdout.decode(), result.stderr.decode()
 
 
