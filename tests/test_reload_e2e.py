@@ -167,3 +167,17 @@ async def test_a_broker_on_service_data_refuses_to_reload_and_says_why(tmp_path)
         assert broker.process.poll() is None
     finally:
         broker.stop()
+
+
+async def test_a_broker_on_the_embedded_default_has_nothing_to_reload(tmp_path):
+    broker = BrokerProcess(tmp_path, env={"SERVICE_DATA": ""})
+    broker.env.pop("SERVICE_DATA")
+    await start(broker)
+    try:
+        status, body = await http(broker.port, "POST", "/reload")
+        assert status == 200 and body["reloaded"] is False and "embedded default" in body["reason"]
+        code, out, _ = await exocom_reload(broker)
+        assert code == 0 and "nothing to reload" in out
+        assert [e["trigger"] for e in events(broker, "configuration reload skipped")] == ["http", "http"]
+    finally:
+        broker.stop()
