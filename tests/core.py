@@ -85,3 +85,8 @@ class Harness:
 
     def events(self, level: str | None = None) -> list[str]:
         return [log.event for log in self.logs if level is None or log.level == level]
+
+    def reload(self, service_data: dict) -> None:
+        """The broker runs with this configuration from now on (`Broker.reconfigure`)."""
+        self.config = parse_service_data(service_data, "test")
+        self.run(self.broker.reconfigure(self.config, self.now))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -109,6 +110,20 @@ class BrokerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+@contextlib.contextmanager
+def broker_with_config(tmp_path: Path, routes: dict, *args: str):
+    """A BrokerProcess (not started) on `--config` with these routes, written
+    to `.config` (rewrite it to reload), stopped at the end."""
+    config = tmp_path / "routes.json"
+    config.write_text(json.dumps(routes))
+    process = BrokerProcess(tmp_path, "--config", str(config), *args)
+    process.config = config
+    try:
+        yield process
+    finally:
+        process.stop()
 
 
 def start_example(script: str, *args: str, log: Path) -> subprocess.Popen:

@@ -18,7 +18,7 @@ import trio
 from fleet import (EXOCOM, FAST, NEW, OLD, ScriptLog, ask, deployment, deployment_script, failure_recorded, handlers,
                    routes, steps,
                    todos, todos_states, wait_connected, wait_deployment, web)
-from processes import BrokerProcess
+from processes import BrokerProcess, broker_with_config
 
 from exocom.relay import open_relay
 
@@ -28,14 +28,8 @@ ROUTES = {**routes(), "canary-deployment": {"deploys": f"todos@{CANARY}"}}
 
 @pytest.fixture
 def broker(tmp_path):
-    config = tmp_path / "routes.json"
-    config.write_text(json.dumps(ROUTES))
-    process = BrokerProcess(tmp_path, "--config", str(config))
-    process.config = config
-    try:
+    with broker_with_config(tmp_path, ROUTES) as process:
         yield process
-    finally:
-        process.stop()
 
 
 async def start(broker: BrokerProcess) -> None:

@@ -34,6 +34,7 @@ import yaml
 from ..core.config import (PROFILE_KEYS, ROLE_KEYS, Config, ConfigError, default_config_text, load, parse_rollout,
                            parse_service_data)
 from ..core.versions import InvalidRequirement, InvalidVersion, Requirement, Version
+from ..server.reloading import Reloader
 
 ERROR, WARNING = "error", "warning"
 SECURITY_ROLE = "security"
@@ -413,6 +414,18 @@ def load_checked(config_file: str | None, environ) -> tuple[Config, list[str]]:
     config = load(None, environ)  # refuses what the Go broker refused, one line
     problems = check_data(json.loads(environ["SERVICE_DATA"]), "SERVICE_DATA")
     return config, [replace(p, severity=WARNING).format("SERVICE_DATA") for p in problems]
+
+
+def reloader(config_file: str | None, environ) -> Reloader:
+    """How `exocom serve` reads its configuration again on SIGHUP or `POST
+    /reload`: the same source, the same verdict as at startup."""
+    if config_file:
+        return Reloader(config_file, load=lambda: load_checked(config_file, environ))
+    if "SERVICE_DATA" in environ:
+        return Reloader("SERVICE_DATA", refused=(
+            "the configuration came from the SERVICE_DATA environment variable, which a running process cannot "
+            "re-read: restart the broker with the new value, or start it with --config FILE to reload a file"))
+    return Reloader(default_config_text()[1])
 
 
 def check_config_command(path: str) -> int:

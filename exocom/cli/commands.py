@@ -24,7 +24,7 @@ from ..logs import LEVELS, configure, get_logger, silence
 from ..server.ledger import FILE_NAME, MARKER_NAME, LedgerError, SQLiteLedger, lost_ledger_error, move_aside, traces_of_a_lost_ledger
 from ..server.listener import Limits, Server
 from ..server.state_lock import StateDirBusy, StateDirLock
-from .check import InvalidConfig, check_config_command, load_checked
+from .check import InvalidConfig, check_config_command, load_checked, reloader
 from .settings import DEFAULT_HOST, DEFAULT_PORT, default_state_dir, port_argument, resolve_port
 from .status import Unreachable, default_url, fetch, last_error, normalize_url, status_command
 
@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="list every problem of a routing file (exit 1 on errors)")
     check.add_argument("file", metavar="FILE", help="routing file (YAML or JSON)")
 
+    from .reload import add_arguments as reload_arguments
+    reload_arguments(sub.add_parser("reload", help="make a running broker read its --config file again (exit 1: "
+                                                   "refused, nothing changed; 2: no broker answers)"))
+
     from .demo import add_arguments as demo_arguments
     demo_arguments(sub.add_parser("demo", help="walk through two deployments of the tutorial's todo app, with real "
                                                "processes (needs a source checkout)"))
@@ -140,6 +144,9 @@ def _command(argv: list[str] | None) -> int:
         return status_command(args.url, args.json, os.environ)
     if args.command == "check-config":
         return check_config_command(args.file)
+    if args.command == "reload":
+        from .reload import reload_command
+        return reload_command(args.url, args.json, os.environ)
     if args.command == "demo":
         from .demo import main as demo_main
         return demo_main(args)
@@ -183,7 +190,8 @@ def serve(args, environ) -> int:
     broker = Broker(config, ledger_records=records, step_timeout=args.step_timeout,
                     log_deliveries=args.log_level == "debug", max_messages_per_second=args.max_messages_per_second,
                     drain_period=args.drain_period, now=time.time())
-    server = Server(broker, ledger, Limits(args.max_frame_bytes, args.max_outbox_bytes), grace_period=args.grace_period)
+    server = Server(broker, ledger, Limits(args.max_frame_bytes, args.max_outbox_bytes), grace_period=args.grace_period,
+                    reloader=reloader(args.config, environ))
 
     listen_error: list[OSError] = []
 

@@ -49,5 +49,7 @@ CLOSE_UNKNOWN_ROLE = 4001
 CLOSE_BAD_VERSION = 4002
 CLOSE_ALREADY_REGISTERED = 4003
 CLOSE_BAD_REGISTRATION = 4004
+# The role was removed from the configuration by a reload: reconnecting would be refused with 4001.
+CLOSE_ROLE_REMOVED = 4005
 CLOSE_TOO_LARGE = 1009
 CLOSE_GOING_AWAY = 1001

@@ -14,6 +14,7 @@ own module:
 | gradual rollouts: ramp, gates, abort, rollback | `ramps`, `gates`, `figures` |
 | held, ramping, live, draining, drained, failed | `states` |
 | the security adapter of Exocom 0.27 | `security` |
+| a new configuration while running | `reconfigure` |
 | the warning budget per connection | `budget` |
 """
 
@@ -30,6 +31,7 @@ from .config import Config
 from .deployer import Deployer
 from .deployments import Deployment
 from .ramps import Ramps
+from .reconfigure import reconfigure
 from .registration import REGISTER, Registrations
 from .registry import Instance, Registry
 from .routes import RoutingTable
@@ -66,10 +68,10 @@ class Broker:
         self.commands = Generations(activity_ttl, now, max_activities)  # message id -> sender conn
         self.router = Router(self.table, self.registry, self.stats, self.budget,
                              activities=self.activities, commands=self.commands,
-                             script_targets={role: target for role, target, _ in config.deployments()},
-                             log_deliveries=log_deliveries)
+                             script_targets={}, log_deliveries=log_deliveries)
         self.deployer = Deployer(config, self.registry, self.router, self.budget,
                                  ledger_records=ledger_records, step_timeout=step_timeout)
+        self.router.script_targets = self.deployer.script_targets()
         self.ramps = Ramps(self.deployer, self.registry, self.stats)
         self.states = VersionStates(self.registry, self.router.choice, self.stats, self.activities,
                                     state_of=self.deployer.state_of, drain_period=drain_period)
@@ -208,6 +210,11 @@ class Broker:
     def ledger_restored(self, now: float) -> list:
         """Every record is in a fresh ledger again: start what waited meanwhile."""
         return self.deployer.ledger_restored(now)
+
+    def reconfigure(self, config: Config, now: float) -> list:
+        """Run with `config` from now on, keeping every connection of a role
+        it still has (`reconfigure` says what is rebuilt and what is kept)."""
+        return reconfigure(self, config, now)
 
     def rollout(self, role: str, version: str, action: str, now: float) -> list:
         """An operator's pause, resume, promote or abort of a ramp (KeyError: no

@@ -37,35 +37,44 @@ class Deployer:
         self.registry = registry
         self.router = router
         self.budget = budget
+        self.step_timeout = step_timeout  # of a deployment without its own stepTimeout
+        # Every record written, in ledger order: the shell writes them to a
+        # fresh ledger when the file is deleted or replaced under the broker.
+        self.records: list[dict[str, Any]] = list(ledger_records)
         self.deployments: dict[dep.Key, dep.Deployment] = {}
         self.by_script: dict[str, dep.Deployment] = {}
         # Names of the scripts' answers -> (deployment, step, outcome).
         self.answers: dict[str, tuple[dep.Deployment, str, str]] = {}
-        for script_role, target, timeout in config.deployments():
-            d = dep.Deployment(target, script_role, timeout or step_timeout, rollout=config.roles[script_role].rollout)
-            self.deployments[dep.key(target.role, target.version)] = d
-            self.by_script[script_role] = d
-            for step in dep.STEPS:
-                for outcome in ("done", "failed"):
-                    self.answers[dep.message_name(target, step, outcome)] = (d, step, outcome)
-        # Every record written, in ledger order: the shell writes them to a
-        # fresh ledger when the file is deleted or replaced under the broker.
-        self.records: list[dict[str, Any]] = list(ledger_records)
         # Versions without a deployment that an operator rolled back: key -> why.
         self.rolled_back: dict[dep.Key, str] = {}
-        orphans = dep.replay(self.deployments, self.records)
-        self.orphan_records = []
-        for record in orphans:
-            if record["step"] == dep.ROLLOUT and record["event"] == dep.ROLLED_BACK:
-                self.rolled_back[dep.key(record["role"], record["version"])] = record.get("error") or "rolled back"
-            else:
-                self.orphan_records.append(record)
+        self.orphan_records: list[dict[str, Any]] = []
+        self.declare(config)
         # False while the ledger is lost: no step starts until it is written again.
         self.ledger_ok = True
         # Set by the broker: recompute the states of a role's versions (states.VersionStates.refresh).
         self.refresh = lambda role, now, actions: None
         # Set by the broker: the ramps act on the rollout records (ramps.Ramps.record_written).
         self.rollout_written = lambda d, record, now, actions: None
+
+    def declare(self, config: Config) -> None:
+        """Build the deployments `config` declares, each as the ledger's
+        records leave it (at startup, and again on a configuration reload:
+        `reconfigure` carries over what is not in the ledger yet)."""
+        self.deployments, self.by_script, self.answers = {}, {}, {}
+        for script_role, target, timeout in config.deployments():
+            d = dep.Deployment(target, script_role, timeout or self.step_timeout,
+                               rollout=config.roles[script_role].rollout)
+            self.deployments[dep.key(target.role, target.version)] = d
+            self.by_script[script_role] = d
+            for step in dep.STEPS:
+                for outcome in ("done", "failed"):
+                    self.answers[dep.message_name(target, step, outcome)] = (d, step, outcome)
+        self.rolled_back, self.orphan_records = {}, []
+        for record in dep.replay(self.deployments, self.records):
+            if record["step"] == dep.ROLLOUT and record["event"] == dep.ROLLED_BACK:
+                self.rolled_back[dep.key(record["role"], record["version"])] = record.get("error") or "rolled back"
+            else:
+                self.orphan_records.append(record)
 
     def script_targets(self) -> dict[str, Deploys]:
         """Deployment script role -> the version it deploys."""
@@ -194,9 +203,13 @@ class Deployer:
         """`self.records` are in a fresh ledger: start what waited meanwhile."""
         self.ledger_ok = True
         actions: list = []
+        self.advance_all(now, actions)
+        return actions
+
+    def advance_all(self, now: float, actions: list) -> None:
+        """Start every step that is due and can run now."""
         for d in self.deployments.values():
             self._advance(d, now, actions)
-        return actions
 
     def retry(self, role: str, version: str, now: float) -> list:
         """Re-arm the failed steps of a deployment (operator action)."""

@@ -39,10 +39,20 @@ class Ramps:
         self._baselines: dict[dep.Key, tuple[Figures, tuple[str, str] | None, Figures | None]] = {}
         # Reply names that count as errors, per role (its rollouts' `errorMessages`).
         self.error_names: dict[str, frozenset[str]] = {}
-        for d in deployer.deployments.values():
+        self.declared()
+
+    def declared(self) -> None:
+        """The deployer's deployments are (re)declared: follow their rollouts.
+        The error names are updated in place: the router holds the same dict."""
+        error_names: dict[str, frozenset[str]] = {}
+        for d in self.deployer.deployments.values():
             if d.rollout is not None:
                 role = d.target.role
-                self.error_names[role] = self.error_names.get(role, frozenset()) | set(d.rollout.gates.error_messages)
+                error_names[role] = error_names.get(role, frozenset()) | set(d.rollout.gates.error_messages)
+        self.error_names.clear()
+        self.error_names.update(error_names)
+        for key in [k for k in self._baselines if k not in self.deployer.deployments]:
+            del self._baselines[key]
 
     # ----------------------------------------------------------------- figures
 

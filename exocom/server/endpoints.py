@@ -19,6 +19,7 @@ from ..core.ramps import ACTIONS as ROLLOUT_ACTIONS
 from .closing import discard_until_eof
 from .metrics import render as render_metrics
 from .readiness import readiness
+from .reloading import reload
 
 if TYPE_CHECKING:
     from .listener import Server
@@ -62,6 +63,8 @@ async def answer(server: Server, method: str, path: str) -> tuple[int, Any]:
                                 ROLLOUT_DONE[action])
     if method == "POST" and path.startswith("/versions/") and path.endswith("/rollback"):
         return _operator_action(server, path[len("/versions/"):-len("/rollback")], broker.rollback, "rolledBack")
+    if method == "POST" and path == "/reload":
+        return await reload(server, "http")
     if method == "GET" and path == "/metrics":
         return 200, render_metrics(broker, sum(p.outbox_bytes for p in server.peers.values()), len(server.peers))
     if method == "GET" and path == "/healthz":

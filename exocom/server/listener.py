@@ -36,6 +36,7 @@ from .ledger import Ledger, LedgerError, LedgerLost
 from ..logs import get_logger
 from . import endpoints
 from .endpoints import respond
+from .reloading import Reloader, reload
 
 HTTP_TIMEOUT = 10.0
 MAX_REQUEST_HEAD = 16 * 1024  # request line and headers; larger ones get 431
@@ -97,7 +98,7 @@ class Peer:
 
 class Server:
     def __init__(self, broker: Broker, ledger: Ledger | None, limits: Limits | None = None, *,
-                 grace_period: float = 5.0, handle_signals: bool = True):
+                 grace_period: float = 5.0, handle_signals: bool = True, reloader: Reloader | None = None):
         self.broker = broker
         self.ledger = ledger
         self.limits = limits or Limits()
@@ -115,6 +116,8 @@ class Server:
         self.stopping = False
         self.forced_stop = False  # a second signal cut the graceful stop short
         self._all_closed: trio.Event | None = None  # set during a graceful stop once no peer is left
+        self.reloader = reloader  # how to read the configuration again (SIGHUP, POST /reload)
+        self.reload_lock = trio.Lock()
 
     # --------------------------------------------------------------- actions
 
@@ -273,10 +276,14 @@ class Server:
                        hint="check the state directory's disk space and permissions")
 
     async def _signals(self, nursery: trio.Nursery, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
                 name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    if not self.stopping:
+                        nursery.start_soon(reload, self, name)
+                    continue
                 if self.stopping:
                     self.log.warning("second signal: exiting at once", signal=name)
                     self.forced_stop = True
