@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ from wire import running_broker
 
 pytestmark = [pytest.mark.browser, needs_chromium]
 
-GATES = {"minSamples": 5, "errorMessages": ["todos.failed"], "maxErrorRate": 0.2, "maxReplyTimeRatio": 3,
+# A reply-time limit no loaded test machine reaches (reply times on loopback
+# vary a lot): the ramp must not abort by itself while the test looks.
+GATES = {"minSamples": 5, "errorMessages": ["todos.failed"], "maxErrorRate": 0.2, "maxReplyTimeRatio": 1000,
          "maxDisconnects": 1}
 # A long interval: the ramp stays at its first step while the test looks.
 ROLLOUT = {"steps": [10, 50, 100], "interval": 600, "gates": GATES}
@@ -48,18 +51,17 @@ async def shown_when(page, condition, what: str, timeout: float = 10.0) -> dict:
         raise AssertionError(f"{e}; the page shows {json.dumps(last, indent=1)}") from None
 
 
-async def test_the_status_page_shows_a_ramp_and_follows_an_abort_without_reloading(tmp_path):
+async def test_the_status_page_shows_a_ramp_and_follows_a_pause_and_an_abort_without_reloading(tmp_path):
     log = ScriptLog()
     async with running_broker(routes(rollout=ROLLOUT), tmp_path=tmp_path) as broker, \
             todos(broker.url, OLD, []), todos(broker.url, NEW, []), web(broker.url) as client, \
             deployment_script(broker.url, log, online=lambda relay: trio.sleep_forever()):
         await wait_deployment(broker.port, lambda d: d["state"] == "ramping", "2.0.0 to ramp")
-        # Replies of each version, so the gates have figures to show: pinned ones
-        # reach 2.0.0 (only it satisfies them), unpinned ones mostly 1.0.0.
+        # Replies of each version (a version requirement only one satisfies
+        # reaches it), enough for every gate to judge.
         for i in range(8):
-            assert await ask(client, f"pinned-{i}", version=NEW) == NEW
-        for i in range(8):
-            await ask(client, f"any-{i}")
+            assert await ask(client, f"new-{i}", version=NEW) == NEW
+            assert await ask(client, f"old-{i}", version=OLD) == OLD
 
         async with chromium_page() as page:
             await page.navigate(f"http://127.0.0.1:{broker.port}/")
@@ -70,22 +72,22 @@ async def test_the_status_page_shows_a_ramp_and_follows_an_abort_without_reloadi
             assert ramping["rows"][f"todos@{OLD}"].endswith(f"{OLD} live 90 % 1")
             assert ramping["rows"]["web@0.0.0"] == "web 0.0.0 live 100 % 1"
             assert "step 1 of 3: 10 %" in ramping["deployment"]
-            assert "next step in 9 min" in ramping["deployment"]
-            assert f"deployed by todos-deployment" in ramping["deployment"]
+            assert re.search(r"next step in (9 min \d+ s|10 min)\b", ramping["deployment"]), ramping["deployment"]
+            assert "deployed by todos-deployment" in ramping["deployment"]
             replies = ramping["gates"]["replies"].split()
             assert replies[0] == "replies" and int(replies[1]) >= 8 and replies[2:] == ["≥", "5", "enough", "samples"]
             assert ramping["gates"]["errorRate"] == "errorRate 0 % 20 % ok"
             assert ramping["gates"]["disconnects"] == "disconnects 0 1 ok"
-            assert ramping["gates"]["replyTimeRatio"].startswith("replyTimeRatio ")
-            assert ramping["gates"]["replyTimeRatio"].endswith(" 3.00 ok") or \
-                ramping["gates"]["replyTimeRatio"].endswith(" 3.00 waiting")
+            assert re.fullmatch(r"replyTimeRatio [\d.]+ 1000 ok", ramping["gates"]["replyTimeRatio"])
             if os.environ.get("EXOCOM_STATUS_SCREENSHOT"):  # how docs/status-page.png is made
                 Path(ROOT, os.environ["EXOCOM_STATUS_SCREENSHOT"]).write_bytes(await page.screenshot())
 
             # The same document, never reloaded: a mark set now must survive.
             await page.evaluate("window.sameDocument = true")
-            status, _ = await http(broker.port, "POST", f"/deployments/todos@{NEW}/rollout/abort")
-            assert status == 202
+            assert (await http(broker.port, "POST", f"/deployments/todos@{NEW}/rollout/pause"))[0] == 202
+            paused = await shown_when(page, lambda s: "paused" in s["deployment"], "the page to show the pause")
+            assert "next step in" not in paused["deployment"]
+            assert (await http(broker.port, "POST", f"/deployments/todos@{NEW}/rollout/abort"))[0] == 202
             aborted = await shown_when(page, lambda s: "failed" in s["rows"].get(f"todos@{NEW}", ""),
                                        "the page to show the abort")
             assert await page.evaluate("window.sameDocument") is True
