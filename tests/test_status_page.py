@@ -97,17 +97,21 @@ async def test_the_status_page_shows_a_ramp_and_follows_a_pause_and_an_abort_wit
             assert aborted["gates"] == {}
 
 
-async def test_server_supplied_text_is_shown_not_run(tmp_path):
+async def test_server_supplied_text_is_shown_not_run_and_a_lost_broker_is_said_plainly(tmp_path):
     markup = '<img id="injected" src="x" onerror="window.injected = true">'
 
     async def offline(relay):
         raise RuntimeError(markup)
 
-    async with running_broker(routes(), tmp_path=tmp_path) as broker, todos(broker.url, OLD, []), \
-            todos(broker.url, NEW, []), deployment_script(broker.url, ScriptLog(), offline=offline):
-        await wait_deployment(broker.port, lambda d: any(s["lastError"] for s in d["steps"]), "the offline step to fail")
-        async with chromium_page() as page:
+    async with chromium_page() as page:
+        async with running_broker(routes(), tmp_path=tmp_path) as broker, todos(broker.url, OLD, []), \
+                todos(broker.url, NEW, []), deployment_script(broker.url, ScriptLog(), offline=offline):
+            await wait_deployment(broker.port, lambda d: any(s["lastError"] for s in d["steps"]),
+                                  "the offline step to fail")
             await page.navigate(f"http://127.0.0.1:{broker.port}/")
             shown = await shown_when(page, lambda s: markup in (s["deployment"] or ""), "the error as text")
             assert await page.evaluate("[document.getElementById('injected'), window.injected ?? null]") == [None, None]
             assert "failed" in shown["rows"][f"todos@{NEW}"]
+        # The broker is gone: the page keeps its last view and says it is old.
+        gone = await shown_when(page, lambda s: s["updated"].startswith("cannot reach the broker"), "the page to notice")
+        assert markup in gone["deployment"]
