@@ -110,7 +110,8 @@ async def test_server_supplied_text_is_shown_not_run_and_a_lost_broker_is_said_p
                                   "the offline step to fail")
             await page.navigate(f"http://127.0.0.1:{broker.port}/")
             shown = await shown_when(page, lambda s: markup in (s["deployment"] or ""), "the error as text")
-            assert await page.evaluate("[document.getElementById('injected'), window.injected ?? null]") == [None, None]
+            injected = await page.evaluate("[document.getElementById('injected'), window.injected ?? null]")
+            assert injected == [None, None]
             assert "failed" in shown["rows"][f"todos@{NEW}"]
         # The broker is gone: the page keeps its last view and says it is old.
         gone = await shown_when(page, lambda s: s["updated"].startswith("cannot reach the broker"), "the page to notice")

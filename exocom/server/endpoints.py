@@ -8,8 +8,8 @@ connection.
 from __future__ import annotations
 
 import time
-from importlib import resources
 from http import HTTPStatus
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import h11
