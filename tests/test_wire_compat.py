@@ -410,7 +410,8 @@ async def test_config_json_shape():
 
 
 @pytest.mark.parametrize("method, path", [
-    ("GET", "/"), ("GET", "/nothing-here"), ("GET", "/config"), ("GET", "/services"),  # /services without upgrade
+    ("GET", "/index.html"), ("GET", "/nothing-here"), ("GET", "/config"),
+    ("GET", "/services"),  # without upgrade
     ("POST", "/config.json"),
 ])
 async def test_other_paths_answer_400(method, path):

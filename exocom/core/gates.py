@@ -29,6 +29,7 @@ def figures_of(new: Figures, stable: Figures | None) -> dict[str, Any]:
     stable_p90 = stable.percentile(0.9) if stable is not None else None
     return {"replies": new.replies, "errors": new.errors, "errorRate": round(new.error_rate, 4),
             "p90ReplyTimeS": new_p90, "stableP90ReplyTimeS": stable_p90,
+            "stableReplies": stable.replies if stable is not None else 0,
             "replyTimeRatio": round(new_p90 / stable_p90, 3) if new_p90 and stable_p90 else None,
             "disconnects": new.disconnects}
 

@@ -1,13 +1,15 @@
 """The HTTP endpoints beside `/services`, all on the broker's one port.
 
-`answer` maps a request to a status and a body (JSON, or the Prometheus
-text format); `respond` sends it and closes the connection.
+`answer` maps a request to a status and a body (JSON, the Prometheus text
+format, or the status page's HTML); `respond` sends it and closes the
+connection.
 """
 
 from __future__ import annotations
 
 import time
 from http import HTTPStatus
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import h11
@@ -24,6 +26,11 @@ from .reloading import reload
 if TYPE_CHECKING:
     from .listener import Server
 
+
+# The read-only status page at `/`: one static file, no build step, no outside
+# assets; its script reads /config.json and /deployments. Bytes mark it as the
+# one HTML body `respond` sends.
+STATUS_PAGE = resources.files(__package__).joinpath("status_page.html").read_bytes()
 
 ROLLOUT_DONE = {"pause": "paused", "resume": "resumed", "promote": "promoted", "abort": "aborted"}
 
@@ -47,6 +54,8 @@ def _operator_action(server: Server, target: str, act, done: str) -> tuple[int, 
 async def answer(server: Server, method: str, path: str) -> tuple[int, Any]:
     if method == "GET" and path == "/readyz":
         return await readiness(server)  # async: checks the ledger on a worker thread
+    if method == "GET" and path == "/":
+        return 200, STATUS_PAGE
     broker = server.broker
     if method == "GET" and path == "/config.json":
         return 200, broker.config_json()
@@ -75,7 +84,10 @@ async def answer(server: Server, method: str, path: str) -> tuple[int, Any]:
 async def respond(stream: trio.SocketStream, http: h11.Connection, status: int, body: Any, with_body: bool = True,
                   headers: list[tuple[bytes, bytes]] = ()) -> None:
     """Send the one response of this connection, then close it (lingering: the client may still be sending)."""
-    if isinstance(body, str):  # the Prometheus text format
+    if isinstance(body, bytes):  # the status page; always fresh, so a new broker's page replaces an old one's
+        data, content_type = body, "text/html; charset=utf-8"
+        headers = [*headers, ("cache-control", "no-store")]
+    elif isinstance(body, str):  # the Prometheus text format
         data, content_type = body.encode(), "text/plain; version=0.0.4; charset=utf-8"
     else:
         data, content_type = orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n", "application/json"
