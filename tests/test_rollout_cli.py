@@ -6,12 +6,15 @@ subprocesses, each action checked on /deployments and /config.json."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import re
 import signal
+import struct
 import subprocess
+import termios
 from contextlib import asynccontextmanager
 
 import pytest
@@ -174,13 +177,14 @@ async def test_wrong_targets_and_no_broker(broker):
     refused = [("rollout", "todos@9.9.9", "pause", "--url", broker.http),  # the broker's 404
                ("rollout", "todos@9.9.9", "--url", broker.http),
                ("rollout", TARGET, "promote", "--url", broker.http)]  # its 409: todos 2.0.0 is held
-    results = await exocom_all(*malformed, *unreachable, *refused)
+    results = await exocom_all(*malformed, *unreachable, *refused, ("status", "--watch", "--json", "--url", broker.http))
 
     for command, (code, out, err) in zip(malformed, results):
         assert (code, out) == (2, "") and err.startswith("usage: exocom"), (command, err)
     for command, (code, out, err) in zip(unreachable, results[3:]):
         assert code == 2 and f"no broker answers at {url}" in err and "exocom serve" in err, (command, err)
-    [(code1, out1, err1), (code2, _, err2), (code3, _, err3)] = results[6:]
+    [(code1, out1, err1), (code2, _, err2), (code3, _, err3), (code4, _, err4)] = results[6:]
+    assert code4 == 2 and "--watch prints text for people" in err4
     assert (code1, out1) == (1, "") and "exocom rollout: no rollout of todos@9.9.9 is configured" in err1
     assert code2 == 1 and f"no rollout of todos@9.9.9 is configured; rollouts configured: {TARGET}" in err2
     assert code3 == 1 and f"exocom rollout: {TARGET} is not ramping (state held)" in err3
@@ -230,26 +234,44 @@ async def _rest(stream) -> bytes:
     return bytes(out)
 
 
+async def watch_on_a_terminal(broker: BrokerProcess, rows: int, columns: int, until: bytes) -> list[str]:
+    """`exocom status --watch` with a pseudo terminal of this size as its
+    stdout, until it shows `until` and has redrawn twice; then Ctrl-C (exit 0).
+    Its whole frames, each from the cursor going home to the next time it does."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    env = {k: v for k, v in environment().items() if k not in ("LINES", "COLUMNS")}  # they would override the size
+    process = await trio.lowlevel.open_process(
+        [*EXOCOM, "status", "--watch", "--interval", "0.1", "--url", broker.http], stdout=terminal, env=env)
+    os.close(terminal)
+    screen = trio.lowlevel.FdStream(controller)
+    seen = bytearray()
+    try:
+        with trio.fail_after(15):
+            while seen.count(HOME) < 3 or until not in seen:
+                seen += await screen.receive_some()
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(10):
+            assert await process.wait() == 0
+    finally:
+        process.kill()
+        await screen.aclose()
+    return [frame.decode() for frame in seen.split(HOME)[1:-1]]
+
+
 async def test_watch_redraws_in_place_on_a_terminal_until_ctrl_c(broker):
     async with ramping(broker):
-        controller, terminal = pty.openpty()
-        process = await trio.lowlevel.open_process(
-            [*EXOCOM, "status", "--watch", "--interval", "0.1", "--url", broker.http],
-            stdout=terminal, env=environment())
-        os.close(terminal)
-        screen = trio.lowlevel.FdStream(controller)
-        seen = bytearray()
-        try:
-            with trio.fail_after(15):  # the gate figures of the ramp, redrawn at least twice
-                while seen.count(HOME) < 3 or b"minSamples 5" not in seen:
-                    seen += await screen.receive_some()
-            process.send_signal(signal.SIGINT)
-            with trio.fail_after(10):
-                assert await process.wait() == 0
-        finally:
-            process.kill()
-            await screen.aclose()
-    frame = seen.split(HOME)[-2].decode()  # a whole one: the cursor went home after it
+        frames = await watch_on_a_terminal(broker, 60, 200, b"minSamples 5")  # the gate figures of the ramp
+    frame = frames[-1]
     assert frame.endswith("\x1b[J") and "\x1b[K\r\n" in frame, frame
     assert re.search(rf"todos +{re.escape(NEW)} +ramping +10% +1", frame), frame
     assert re.search(r"next step \(50%\) in (9m\d\ds|10m00s)", frame) and "(Ctrl-C to stop)" in frame, frame
+    assert re.search(r"replies +0 +/ +minSamples 5 +waiting", frame), frame
+
+
+async def test_watch_fits_a_small_terminal_so_that_it_never_scrolls(broker):
+    async with ramping(broker):
+        frames = await watch_on_a_terminal(broker, 10, 60, b"more lines: enlarge the terminal")
+    for frame in frames:
+        lines = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", frame).split("\r\n")
+        assert sum(max(1, -(-len(line) // 60)) for line in lines) <= 10, frame

@@ -145,6 +145,10 @@ def _command(argv: list[str] | None) -> int:
     if args.command == "serve":
         return serve(args, os.environ)
     if args.command == "status" and args.watch:
+        if args.json:
+            print("exocom status: --watch prints text for people; for JSON, run `exocom status --json` "
+                  "every few seconds", file=sys.stderr)
+            return 2
         from .watch import watch_command
         return watch_command(args.url, args.interval, os.environ)
     if args.command == "status":

@@ -10,6 +10,8 @@ it with exit 0; a broker that stops answering is reported and watched on.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 from typing import Any, TextIO
@@ -61,11 +63,32 @@ class Screen:
             for d in status["deployments"]:
                 if d.get("rollout") and d["state"] == "ramping":
                     body += ["", *describe(d, now)]
-        self.out.write(HOME + "".join(f"{line}{CLEAR_LINE}\n" for line in [header, "", *body]) + CLEAR_BELOW)
+        lines = fit([header, "", *body], shutil.get_terminal_size())
+        self.out.write(HOME + "".join(f"{line}{CLEAR_LINE}\n" for line in lines) + CLEAR_BELOW)
         self.out.flush()
 
     def close(self) -> None:
         self.out.flush()
+
+
+def fit(lines: list[str], size: os.terminal_size) -> list[str]:
+    """As many lines as the terminal shows without scrolling (long lines wrap,
+    and the cursor ends on the row below the last): a view that scrolled
+    would be redrawn below its top, not in place."""
+    def rows(line: str) -> int:
+        return max(1, -(-len(line) // max(size.columns, 1)))
+
+    budget = size.lines - 1
+    if sum(map(rows, lines)) <= budget:
+        return lines
+    kept, used = [], 0
+    for i, line in enumerate(lines):
+        more = f"... {len(lines) - i} more lines: enlarge the terminal, or run `exocom status`"
+        if used + rows(line) + rows(more) > budget:
+            return kept + [more]
+        kept.append(line)
+        used += rows(line)
+    return kept
 
 
 class Lines:
