@@ -24,7 +24,8 @@ from .status import (UNREACHABLE, Unreachable, broker_url, collect, deployment_p
 HOME, CLEAR_LINE, CLEAR_BELOW, CLEAR_SCREEN = "\x1b[H", "\x1b[K", "\x1b[J", "\x1b[2J"
 
 
-def watch_command(url: str | None, interval: float, environ, out: TextIO = sys.stdout) -> int:
+def watch_command(url: str | None, interval: float, environ, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
     url = broker_url("exocom status --watch", url, environ)
     if url is None:
         return UNREACHABLE
@@ -41,7 +42,7 @@ def watch_command(url: str | None, interval: float, environ, out: TextIO = sys.s
             show(status, error, time.time())
             time.sleep(interval)
     except KeyboardInterrupt:
-        show.close()
+        out.flush()
         return 0
 
 
@@ -65,9 +66,6 @@ class Screen:
                     body += ["", *describe(d, now)]
         lines = fit([header, "", *body], shutil.get_terminal_size())
         self.out.write(HOME + "".join(f"{line}{CLEAR_LINE}\n" for line in lines) + CLEAR_BELOW)
-        self.out.flush()
-
-    def close(self) -> None:
         self.out.flush()
 
 
@@ -109,9 +107,6 @@ class Lines:
             self.out.write(f"{stamp} {text}\n")
         self.out.flush()
         self.seen = current
-
-    def close(self) -> None:
-        self.out.flush()
 
 
 def facts(url: str, status: dict[str, Any] | None, error: Unreachable | None) -> dict[tuple[str, ...], str]:
