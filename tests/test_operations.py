@@ -222,10 +222,10 @@ def test_status_shows_roles_versions_and_deployment_progress(broker, services, t
     result = exocom("status", "--url", broker.url)  # the services' ws:// URL works too
     assert result.returncode == 1, result
     rows = table_rows(result.stdout)
-    assert ["todo-search", "0.0.1", "held", "1"] in rows
-    assert ["todos", "1.0.0", "live", "1"] in rows
-    assert ["web", "-", "-", "0", "(not", "connected)"] in rows
-    assert ["todo-search-deployment", "-", "-", "0", "(not", "connected)"] in rows
+    assert ["todo-search", "0.0.1", "held", "0%", "1"] in rows
+    assert ["todos", "1.0.0", "live", "100%", "1"] in rows
+    assert ["web", "-", "-", "-", "0", "(not", "connected)"] in rows
+    assert ["todo-search-deployment", "-", "-", "-", "0", "(not", "connected)"] in rows
     deployment = next(line for line in result.stdout.splitlines() if line.startswith("todo-search@0.0.1"))
     assert "0/2 steps done, offline pending, waiting for todo-search-deployment" in deployment
     assert "NOT OK: 1 problem" in result.stdout
@@ -247,8 +247,8 @@ def test_status_shows_roles_versions_and_deployment_progress(broker, services, t
     result = exocom("status", "--url", broker.http)
     assert result.returncode == 0, result
     rows = table_rows(result.stdout)
-    assert ["todo-search", "0.0.1", "live", "1"] in rows
-    assert ["todo-search-deployment", "0.0.0", "live", "1"] in rows
+    assert ["todo-search", "0.0.1", "live", "100%", "1"] in rows
+    assert ["todo-search-deployment", "0.0.0", "live", "100%", "1"] in rows
     deployment = next(line for line in result.stdout.splitlines() if line.startswith("todo-search@0.0.1"))
     assert "2/2 steps done, finished" in deployment
     assert result.stdout.rstrip().endswith("OK: every connected version is live and no deployment failed")
@@ -300,7 +300,7 @@ def test_status_exits_1_and_names_a_failed_deployment(broker, services, tmp_path
              what="the deployment to fail")
     result = exocom("status", "--url", broker.http)
     assert result.returncode == 1, result
-    assert ["todo-search", "0.0.1", "failed", "1"] in table_rows(result.stdout)
+    assert ["todo-search", "0.0.1", "failed", "0%", "1"] in table_rows(result.stdout)
     problems = result.stdout.split("NOT OK: 1 problem:", 1)[1]
     assert "deployment todo-search@0.0.1 failed at the offline step (attempt 1): RuntimeError: the search index is full" in problems
     assert f"exocom deployments retry todo-search@0.0.1 --url {broker.http}" in problems

@@ -112,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(exit 1: a version held or failed, 2: no broker answers)")
     status.add_argument("--url", default=None, help="the running broker (default http://127.0.0.1:$EXOCOM_PORT, else $PORT, else 4100)")
     status.add_argument("--json", action="store_true", help="print /config.json and /deployments combined as JSON")
+    status.add_argument("--watch", action="store_true", help="follow it: redrawn in place on a terminal, one "
+                                                             "timestamped line per change otherwise; Ctrl-C ends it")
+    status.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between looks with --watch "
+                                                                                 "(default 2)")
+
+    # Rollouts (contract 7.4): `exocom rollout ROLE@VERSION [ACTION]`, `exocom rollback ROLE@VERSION`.
+    from .rollout import add_arguments as rollout_arguments
+    rollout_arguments(sub, deployment_argument)
 
     check = sub.add_parser("check-config", help="list every problem of a routing file (exit 1 on errors)")
     check.add_argument("file", metavar="FILE", help="routing file (YAML or JSON)")
@@ -140,8 +148,17 @@ def _command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args, os.environ)
+    if args.command == "status" and args.watch:
+        if args.json:
+            print("exocom status: --watch prints text for people; for JSON, run `exocom status --json` "
+                  "every few seconds", file=sys.stderr)
+            return 2
+        from .watch import watch_command
+        return watch_command(args.url, args.interval, os.environ)
     if args.command == "status":
         return status_command(args.url, args.json, os.environ)
+    if hasattr(args, "operate"):  # rollout, rollback
+        return args.operate(args, os.environ)
     if args.command == "check-config":
         return check_config_command(args.file)
     if args.command == "reload":
