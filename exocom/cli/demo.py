@@ -633,26 +633,24 @@ class Demo:
         deadline = time.monotonic() + 3 * WAIT
         while True:
             found = self.log.find(told, since, min(next_frame, deadline), self.check_alive)
-            if found is None:
-                if time.monotonic() >= deadline:
-                    raise DemoError(f"gave up after {3 * WAIT:g}s waiting for the {outcome.split()[1]} "
-                                    f"rollout of {target}")
+            if found is not None:
+                i, e = found
+                since = i + 1
+                self.say(self.describe(e, target, scripts))
+                event = e["event"] if (e.get("role"), e.get("version")) == tuple(target.split("@")) else None
+                if event in ("offline step failed", "online step failed", "version taken out of production",
+                             "rollout finished", "rollout aborted") and event != outcome:
+                    raise DemoError(f"the rollout of {target}: {event} ({e.get('reason') or e.get('error')}), "
+                                    f"expected: {outcome}")
+                if event == outcome:
+                    self.chart(role, chart_from)
+                    return i
+            if time.monotonic() >= deadline:
+                raise DemoError(f"gave up after {3 * WAIT:g}s waiting for the {outcome.split()[1]} "
+                                f"rollout of {target}")
+            if time.monotonic() >= next_frame:
                 chart_from = self.chart(role, chart_from)
                 next_frame = time.monotonic() + CHART_PERIOD
-                continue
-            i, e = found
-            since = i + 1
-            self.say(self.describe(e, target, scripts))
-            if e.get("role") != role or e.get("version") != target.split("@")[1]:
-                continue
-            event = e["event"]
-            if event in ("offline step failed", "online step failed", "version taken out of production",
-                         "rollout finished", "rollout aborted") and event != outcome:
-                raise DemoError(f"the rollout of {target}: {event} ({e.get('reason') or e.get('error')}), "
-                                f"expected: {outcome}")
-            if event == outcome:
-                self.chart(role, chart_from)
-                return i
 
     def chart(self, role: str, since: int) -> int:
         """One frame of the chart: per connected version of `role`, its share
