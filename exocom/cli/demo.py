@@ -60,6 +60,7 @@ ADDED_DURING_MIGRATION = "call mum"
 ADDED_AFTER = "book the dentist"
 WAIT = 20.0  # seconds to wait for any one thing before giving up
 SEARCHES_PER_SECOND = 50  # part 3's steady traffic: 10 % of it gives a ramp's first step 10 replies in 2 s
+SEARCH_TIMEOUT = 5.0
 CHART_PERIOD = 1.0  # seconds between two frames of part 3's chart
 BAR = 20  # characters of a 100 % bar
 
@@ -230,7 +231,7 @@ class Searches:
         while not self.stopping.is_set():
             started = trio.current_time()
             try:
-                answer = await relay.request("todo-search.query", {"text": "milk"}, timeout=2)
+                answer = await relay.request("todo-search.query", {"text": "milk"}, timeout=SEARCH_TIMEOUT)
             except RequestTimeout:
                 with self.lock:
                     self.unanswered += 1
@@ -328,6 +329,16 @@ class Demo:
                 [sys.executable, str(self.examples / script), "--url", self.url, *args],
                 stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir, start_new_session=True)
 
+    def restart_broker(self, part: str, config: str, *services: tuple[str, str]) -> None:
+        """Restart the broker with the routing of `part` and wait until `services` (role, version) are back."""
+        self.say(f"restarting the broker with the routing of {part} (same port, same ledger)")
+        self.stop_broker()
+        since = self.log.mark()
+        self.start_broker(self.root / "config" / config)
+        for role, version in services:
+            event = self.registered(role, since, version)
+            self.say(f"{role}@{version} registered again (its relay reconnected by itself): {event['state']}")
+
     def stop(self, name: str) -> None:
         """Ctrl-C (SIGINT) to a service: its relay closes the connection cleanly."""
         process = self.services.pop(name, None)
@@ -410,8 +421,8 @@ class Demo:
         if event == "rollout finished":
             return prefix + f"rollout finished at {e['share']:g} %"
         if event == "rollout aborted":
-            return (prefix + f"rollout aborted at step {e['step'] + 1} of its ramp: {e.get('reason')}; its share is 0 now\n"
-                    f"         deciding figures: {figures_text(e.get('figures'))}")
+            return (prefix + f"rollout aborted at step {e['step'] + 1} of its ramp: {e.get('reason')}; "
+                    f"its share is 0 now\n         deciding figures: {figures_text(e.get('figures'))}")
         if event == "version live" and e.get("was") == "ramping":
             return prefix + "version live: it is the stable version now, all new activities go to it"
         if event in ("offline step started", "online step started"):
@@ -494,13 +505,7 @@ class Demo:
 
     def part_two(self) -> None:
         self.heading("Part 2: todos 2.0.0 with a new schema, next to todos 1.0.0 (config/todo-app-v2.yml)")
-        self.say("restarting the broker with the routing of part 2 (same port, same ledger)")
-        self.stop_broker()
-        since = self.log.mark()
-        self.start_broker(self.root / "config" / "todo-app-v2.yml")
-        for role, version in (("todos", "1.0.0"), ("todo-search", "0.0.1")):
-            event = self.registered(role, since, version)
-            self.say(f"{role}@{version} registered again (its relay reconnected by itself): {event['state']}")
+        self.restart_broker("part 2", "todo-app-v2.yml", ("todos", "1.0.0"), ("todo-search", "0.0.1"))
 
         since = self.log.mark()
         self.start("todos-v2", "todos_v2.py", "--db", str(self.workdir / "todos-v2.sqlite3"))
@@ -553,12 +558,7 @@ class Demo:
 
     def part_three(self) -> None:
         self.heading("Part 3: roll todo-search out gradually, under steady traffic (config/todo-app-v3.yml)")
-        self.say("restarting the broker with the routing of part 3 (same port, same ledger)")
-        self.stop_broker()
-        since = self.log.mark()
-        self.start_broker(self.root / "config" / "todo-app-v3.yml")
-        event = self.registered("todo-search", since, "0.0.1")
-        self.say(f"todo-search@0.0.1 registered again (its relay reconnected by itself): {event['state']}")
+        self.restart_broker("part 3", "todo-app-v3.yml", ("todos", "1.0.0"), ("todo-search", "0.0.1"))
         self.searches = Searches(self.url)
         self.searches.start()
         self.say(f"web searches todo-search {SEARCHES_PER_SECOND} times a second from now on "
@@ -574,9 +574,7 @@ class Demo:
             raise DemoError(f"a search went to {by or 'nobody'} after todo-search 0.0.2 went live")
         self.stop("todo-search-0.0.2-deployment")
 
-        aborted = self.roll_out("0.0.3", "rollout aborted", "--fail-rate", "1")
-        _, abort = self.wait(event_is("rollout aborted", role="todo-search", version="0.0.3"), aborted,
-                             "the abort of todo-search 0.0.3")
+        abort = self.roll_out("0.0.3", "rollout aborted", "--fail-rate", "1")
         if abort.get("gate") != "errorRate" or abort.get("step") != 0:
             raise DemoError(f"todo-search 0.0.3 was aborted by gate {abort.get('gate')} at step "
                             f"{abort.get('step')}, not by the error-rate gate at its first step")
@@ -598,14 +596,17 @@ class Demo:
         answers, failed_by, unanswered = self.searches.counts()
         self.say(f"web's steady searches: {sum(answers.values())} answered ("
                  + ", ".join(f"{n} {name}" for name, n in sorted(answers.items())) + f"), {unanswered} unanswered")
+        if unanswered:
+            raise DemoError(f"{unanswered} of web's searches got no answer within {SEARCH_TIMEOUT:g}s")
         if failed_by:
-            self.detail("todo-search.failed came from " + ", ".join(f"{v} ({n})" for v, n in sorted(failed_by.items())))
+            self.detail("todo-search.failed came from "
+                        + ", ".join(f"{v} ({n})" for v, n in sorted(failed_by.items())))
         self.detail("an operator would now fix 0.0.3 and start its ramp again at its first step: "
                     "exocom deployments retry todo-search@0.0.3")
 
-    def roll_out(self, version: str, outcome: str, *service_args: str) -> int:
+    def roll_out(self, version: str, outcome: str, *service_args: str) -> dict:
         """Start todo-search `version` and its deployment script and follow the
-        rollout until `outcome`; returns the log index of that event."""
+        rollout until `outcome`; returns that event."""
         target = f"todo-search@{version}"
         script = f"todo-search-{version}-deployment"
         since = self.log.mark()
@@ -619,10 +620,10 @@ class Demo:
         return self.follow_rollout(target, {script: "its deployment script, which fills the index offline"},
                                    since, outcome)
 
-    def follow_rollout(self, target: str, scripts: dict[str, str], since: int, outcome: str) -> int:
+    def follow_rollout(self, target: str, scripts: dict[str, str], since: int, outcome: str) -> dict:
         """Print the deployment of `target` as the broker logs it (but web's
         steady searches), with a frame of the chart about every second, until
-        its rollout ends with `outcome`; returns the log index of that event."""
+        its rollout ends with `outcome`; returns that event."""
         role = target.split("@")[0]
 
         def told(e: dict) -> bool:
@@ -642,9 +643,11 @@ class Demo:
                              "rollout finished", "rollout aborted") and event != outcome:
                     raise DemoError(f"the rollout of {target}: {event} ({e.get('reason') or e.get('error')}), "
                                     f"expected: {outcome}")
+                if event == "deployment finished":
+                    self.detail("both steps are done; the ramp goes on (only its last step waits for the online step)")
                 if event == outcome:
                     self.chart(role, chart_from)
-                    return i
+                    return e
             if time.monotonic() >= deadline:
                 raise DemoError(f"gave up after {3 * WAIT:g}s waiting for the {outcome.split()[1]} "
                                 f"rollout of {target}")
@@ -666,8 +669,9 @@ class Demo:
         for v in sorted(client["versions"], key=lambda v: Version(v["version"])):
             got = answered.get(v["version"], 0)
             percent = 100 * got / total if total else 0.0
-            self.detail(f"{role}@{v['version']:<6} {v['state']:<9} share {v['share']:5.1f}% |{bar(v['share'], '#', '.')}|"
-                        f"  answered {percent:5.1f}% |{bar(percent, '=', ' ')}| {got:4d}")
+            self.detail(f"{role}@{v['version']:<6} {v['state']:<9} "
+                        f"share {v['share']:5.1f}% |{bar(v['share'], '#', '.')}|  "
+                        f"answered {percent:5.1f}% |{bar(percent, '=', ' ')}| {got:4d}")
         return since + len(events)
 
     def deployment_row(self, role: str, version: str) -> dict:
