@@ -189,16 +189,6 @@ def check_part_three(out: list[str]) -> None:
     assert out[index(out, "web's steady searches:") + 1].strip().startswith("todo-search.failed came from 0.0.3 (")
 
 
-def test_each_later_part_can_be_skipped():
-    result = subprocess.run([*DEMO, "--skip-v2", "--skip-rollout"], capture_output=True, text=True, timeout=60,
-                            cwd=ROOT)
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = lines(result.stdout)
-    assert "=== Part 1" in result.stdout and "=== Part 2" not in result.stdout and "=== Part 3" not in result.stdout
-    assert out[-1] == ("Done: the todo-search 0.0.1 deployment finished (skipped: --skip-v2, --skip-rollout); "
-                       "nothing was lost on the way.")
-
-
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="checks leftover processes through /proc")
 def test_ctrl_c_stops_every_process_of_the_demo():
     demo = subprocess.Popen([*DEMO, "--keep"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
