@@ -61,8 +61,8 @@ def answer(lines_: list[str], prefix: str):
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="checks leftover processes through /proc")
-def test_the_demo_walks_through_both_deployments_and_stops_everything():
-    result = subprocess.run([*DEMO, "--pause", "0.5"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+def test_the_demo_walks_through_all_three_parts_and_stops_everything():
+    result = subprocess.run([*DEMO, "--pause", "0.5"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     out = lines(result.stdout)
 
@@ -107,10 +107,86 @@ def test_the_demo_walks_through_both_deployments_and_stops_everything():
     assert by == "todos@1.0.0" and "created_at" not in todos_v1[0]
     assert answer(out, 'web.py add "book the dentist"')[0] == "todos@2.0.0"
 
+    check_part_three(out[index(out, "=== Part 3"):])
+
     assert out[-1].startswith("Done:") and "everything stopped" in out
     workdir = workdir_of(result.stdout)
     assert not Path(workdir).exists()
     assert processes_using(workdir) == []
+
+
+CHART_LINE = re.compile(r"\s+todo-search@(\S+)\s+(\w+)\s+share\s+([\d.]+)% \|([#.]{20})\|"
+                        r"\s+answered\s+([\d.]+)% \|([= ]{20})\|\s+(\d+)")
+
+
+def chart_frames(lines_: list[str]) -> list[tuple[int, dict[str, dict]]]:
+    """Each frame of the chart: its line index and, per version, its state,
+    share and answers (percent, count)."""
+    frames = []
+    for i, line in enumerate(lines_):
+        if line.startswith("todo-search: share of new activities (#)"):
+            frame = {}
+            for row in lines_[i + 1:]:
+                match = CHART_LINE.fullmatch(row)
+                if match is None:
+                    break
+                version, state, share, share_bar, percent, answered_bar, count = match.groups()
+                assert share_bar.count("#") == round(float(share) * 20 / 100)
+                assert answered_bar.count("=") == round(float(percent) * 20 / 100)
+                frame[version] = {"state": state, "share": float(share), "answered": float(percent),
+                                  "count": int(count)}
+            frames.append((i, frame))
+    return frames
+
+
+def check_part_three(out: list[str]) -> None:
+    """todo-search 0.0.2 ramps 10 -> 50 -> 100 % under steady searches; the
+    faulty 0.0.3 is aborted at its first step by the error-rate gate."""
+    assert "todo-search@0.0.2 registered: held (its deployment declares a rollout)" in out
+    ramp = [index(out, f"deployment todo-search@0.0.2: {what}") for what in (
+        "offline step done", "rollout started: 10 % of new production activities go to it",
+        "rollout stepped up to 50 %, the gates held", "rollout stepped up to 100 %, the gates held",
+        "rollout finished at 100 %")]
+    assert ramp == sorted(ramp)
+    assert re.fullmatch(r"\s+figures since the ramp began: replies \d+, errors 0, error rate 0\.0, .*", out[ramp[2] + 1])
+    replies = int(re.search(r"replies (\d+)", out[ramp[2] + 1]).group(1))
+    assert replies >= 10  # minSamples: no step up without evidence
+    assert ramp[2] < index(out, "todo-search@0.0.1: version draining") < ramp[-1] + 2
+
+    frames = chart_frames(out)
+    during = {share: [f["0.0.2"] for i, f in frames if ramp[1] < i < ramp[-1] and f["0.0.2"]["share"] == share]
+              for share in (10.0, 50.0)}
+    # The chart shows each step while it lasts, and 0.0.2 answered searches at each one.
+    assert during[10.0] and during[50.0], frames
+    assert all(row["state"] == "ramping" for rows in during.values() for row in rows)
+    assert sum(row["count"] for row in during[10.0]) >= 1 and sum(row["count"] for row in during[50.0]) >= 1
+    assert sum(row["answered"] for row in during[50.0]) / len(during[50.0]) > 20
+    live = next(f for i, f in frames if i > ramp[-1])
+    assert live["0.0.2"]["state"] == "live" and live["0.0.2"]["share"] == 100.0
+    assert live["0.0.1"]["state"] == "draining" and live["0.0.1"]["share"] == 0.0
+    assert answer(out, "web.py search milk")[0] == "todo-search@0.0.2"
+
+    # The faulty 0.0.3: aborted by the error-rate gate at its first step, with the figures that decided it.
+    started = index(out, "deployment todo-search@0.0.3: rollout started: 10 %")
+    aborted = index(out, "deployment todo-search@0.0.3: rollout aborted at step 1 of its ramp: gate errorRate failed: "
+                         "error rate 1.000 (10 of 10 replies) above maxErrorRate 0.2; its share is 0 now")
+    assert started < aborted
+    assert out[aborted + 1].startswith("         deciding figures: replies 10, errors 10, error rate 1.0, ")
+    assert not any("todo-search@0.0.3: rollout stepped up" in line for line in out)
+    ramping = [f for i, f in frames if started < i < aborted]
+    assert ramping and all(f["0.0.3"]["state"] == "ramping" and f["0.0.3"]["share"] == 10.0 and
+                           f["0.0.2"]["share"] == 90.0 for f in ramping)
+    after = [f for i, f in frames if i > aborted]
+    assert after and all(f["0.0.3"]["state"] == "failed" and f["0.0.3"]["share"] == 0.0 and
+                         f["0.0.2"]["share"] == 100.0 for f in after)
+    assert after[-1]["0.0.2"]["answered"] >= 90
+    assert ("GET /deployments: todo-search@0.0.3 is failed, share 0 %, recorded as stopped: "
+            "gate errorRate failed: error rate 1.000 (10 of 10 replies) above maxErrorRate 0.2") in out
+    assert answer(out[aborted:], "web.py search milk")[0] == "todo-search@0.0.2"
+    steady = out[index(out, "web's steady searches:")]
+    assert re.fullmatch(r"web's steady searches: \d+ answered \(\d+ todo-search.failed, \d+ todo-search.results\), "
+                        r"0 unanswered", steady), steady
+    assert out[index(out, "web's steady searches:") + 1].strip().startswith("todo-search.failed came from 0.0.3 (")
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="checks leftover processes through /proc")

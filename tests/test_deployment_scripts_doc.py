@@ -208,3 +208,16 @@ def test_the_readme_service_and_deployment_script_run_as_written_and_starting_ov
     finishes = [e for e in stack.broker.events() if e["event"] == "deployment finished"]
     assert len(finishes) == 2
     assert [s["attempts"] for s in stack.broker.deployment("todo-search", "0.0.1")["steps"]] == [1, 1]
+
+
+def test_the_readme_rollout_declaration_is_accepted_as_written(tmp_path):
+    """The README's `rollout` example, put in place of the demo's (config/todo-app-v3.yml)."""
+    [declaration] = code_blocks(section(README, "Roll out gradually"), "yaml")
+    routes = yaml.safe_load((ROOT / "config" / "todo-app-v3.yml").read_text())
+    routes.update(yaml.safe_load(declaration))
+    path = tmp_path / "routes.yml"
+    path.write_text(yaml.safe_dump(routes))
+    result = subprocess.run([sys.executable, "-m", "exocom", "check-config", str(path)], capture_output=True,
+                            text=True, timeout=30)
+    assert (result.returncode, result.stdout.strip()) == (0, f"{path}: OK (no problems)"), result.stdout + result.stderr
+    assert routes["todo-search-0.0.2-deployment"]["rollout"]["gates"]["maxReplyTimeRatio"] == 1.5

@@ -3,15 +3,26 @@ file --db, so that it survives a restart: its deployment script runs once).
 
 Receives `todo-search.add` ({"id", "title"}) and `todo-search.query`
 ({"text"}); answers `todo-search.added` and `todo-search.results`.
+
+`--fail-rate 1` makes a faulty version: that share of its searches is
+answered with `todo-search.failed` ({"error", "version"}) instead, which a
+rollout with `errorMessages: [todo-search.failed]` counts as errors
+(`exocom demo`, part 3; config/todo-app-v3.yml).
 """
 
+import random
 import sqlite3
 
 from common import parse_args, serve_forever
 
 
 def main():
-    args = parse_args(__doc__, "0.0.1", lambda p: p.add_argument("--db", default="todo-search.sqlite3"))
+    def options(parser):
+        parser.add_argument("--db", default="todo-search.sqlite3")
+        parser.add_argument("--fail-rate", type=float, default=0.0, metavar="SHARE",
+                            help="share of searches (0 to 1) answered with todo-search.failed (default 0)")
+
+    args = parse_args(__doc__, "0.0.1", options)
     index = sqlite3.connect(args.db, isolation_level=None)
     index.execute("CREATE VIRTUAL TABLE IF NOT EXISTS docs USING fts5(todo_id UNINDEXED, title)")
 
@@ -25,6 +36,10 @@ def main():
 
         @relay.handler("todo-search.query")
         async def query(message):
+            if args.fail_rate and random.random() < args.fail_rate:
+                await message.reply("todo-search.failed", {"error": "the search index cannot be read",
+                                                           "version": args.version})
+                return
             text = message.payload["text"]
             if text == "*":
                 rows = index.execute("SELECT todo_id, title FROM docs ORDER BY todo_id").fetchall()

@@ -1,5 +1,14 @@
 """The deployment script of todo-search 0.0.1, as in the tutorial: nothing to
-do offline; online, read all todos and add each to search."""
+do offline; online, read all todos and add each to search.
+
+    python todo_search_deployment.py [--url ws://127.0.0.1:4100/services]
+    python todo_search_deployment.py --deploys 0.0.2 --role todo-search-0.0.2-deployment --fill offline
+
+The second form deploys another version (each deployment script is a role of
+its own in the routing, config/todo-app-v3.yml) and fills its index in the
+offline step: a version with a rollout takes production traffic as soon as
+its offline step is done, so its index must be full by then.
+"""
 
 import trio
 from common import parse_args, serve_forever
@@ -25,9 +34,17 @@ async def fill_search_index(relay):
 
 
 def main():
-    args = parse_args(__doc__)
-    script = DeploymentScript("todo-search", "0.0.1", online=fill_search_index)
-    serve_forever(args.url, "todo-search-deployment", args.version, script.attach)
+    def options(parser):
+        parser.add_argument("--deploys", default="0.0.1", metavar="VERSION",
+                            help="the version of todo-search it deploys (default 0.0.1)")
+        parser.add_argument("--role", default="todo-search-deployment",
+                            help="its role in the routing (default todo-search-deployment)")
+        parser.add_argument("--fill", choices=("offline", "online"), default="online",
+                            help="the step that fills the search index (default online, as in the tutorial)")
+
+    args = parse_args(__doc__, extra=options)
+    script = DeploymentScript("todo-search", args.deploys, **{args.fill: fill_search_index})
+    serve_forever(args.url, args.role, args.version, script.attach)
 
 
 if __name__ == "__main__":

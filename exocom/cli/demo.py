@@ -17,6 +17,15 @@ todos of 1.0.0 into it offline while production traffic still goes to 1.0.0;
 then 2.0.0 takes the traffic, and requests pinned to version "1" still reach
 1.0.0.
 
+Part 3, gradual rollouts of todo-search (config/todo-app-v3.yml): the broker
+restarts with routing in which the deployments of todo-search 0.0.2 and 0.0.3
+declare a `rollout`; the demo sends steady searches as `web`. 0.0.2 ramps
+10 % -> 50 % -> 100 % of new searches beside 0.0.1, which then drains; 0.0.3,
+whose searches fail, is aborted at its first step by the error-rate gate. A
+terminal chart shows, about once a second, each version's share (from GET
+/config.json) and the answers it actually gave (the broker's log); the
+figures that decided each step and the abort are printed.
+
 Everything is stopped at the end, also on Ctrl-C. It needs a source checkout
 (the examples are not part of the installed package): it looks next to the
 package, then in the current directory, or where `--root` says.
@@ -35,15 +44,25 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+import trio
+
+from ..core.versions import Version
+from ..relay import RelayError, RequestTimeout, open_relay
 from .settings import port_argument  # the same port rules as `exocom serve`
 
 TODOS = ("buy milk", "walk the dog", "water the plants")
 ADDED_DURING_MIGRATION = "call mum"
 ADDED_AFTER = "book the dentist"
 WAIT = 20.0  # seconds to wait for any one thing before giving up
+SEARCHES_PER_SECOND = 50  # part 3's steady traffic: 10 % of it gives a ramp's first step 10 replies in 2 s
+SEARCH_TIMEOUT = 5.0
+CHART_PERIOD = 1.0  # seconds between two frames of part 3's chart
+BAR = 20  # characters of a 100 % bar
 
 
 class DemoError(Exception):
@@ -103,7 +122,14 @@ class BrokerLog:
     def wait(self, predicate: Callable[[dict], bool], since: int, what: str, timeout: float = WAIT,
              check: Callable[[], None] | None = None) -> tuple[int, dict]:
         """The first event at index >= `since` that satisfies `predicate`."""
-        deadline = time.monotonic() + timeout
+        found = self.find(predicate, since, time.monotonic() + timeout, check)
+        if found is None:
+            raise DemoError(f"gave up after {timeout:g}s waiting for {what}")
+        return found
+
+    def find(self, predicate: Callable[[dict], bool], since: int, deadline: float,
+             check: Callable[[], None] | None = None) -> tuple[int, dict] | None:
+        """As `wait`, but None once `deadline` (time.monotonic()) has passed."""
         scanned = since
         with self.condition:
             while True:
@@ -115,8 +141,12 @@ class BrokerLog:
                     check()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise DemoError(f"gave up after {timeout:g}s waiting for {what}")
+                    return None
                 self.condition.wait(min(remaining, 0.2))
+
+    def since(self, index: int) -> list[dict]:
+        with self.condition:
+            return self.events[index:]
 
     def close(self) -> None:
         self.file.close()
@@ -131,6 +161,88 @@ def short(payload: Any, limit: int = 150) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def bar(percent: float, fill: str, empty: str) -> str:
+    filled = round(max(0.0, min(percent, 100.0)) * BAR / 100)
+    return fill * filled + empty * (BAR - filled)
+
+
+def figures_text(figures: dict | None) -> str:
+    """The figures a rollout's gates judged (core/gates.py: figures_of), in words."""
+    if not figures:
+        return "no figures"
+    def seconds(value) -> str:
+        return "-" if value is None else f"{value:g}s"
+    return (f"replies {figures.get('replies')}, errors {figures.get('errors')}, error rate {figures.get('errorRate')}, "
+            f"p90 reply time {seconds(figures.get('p90ReplyTimeS'))} (stable version "
+            f"{seconds(figures.get('stableP90ReplyTimeS'))}), disconnects {figures.get('disconnects')}")
+
+
+class Searches:
+    """Part 3's steady production traffic: `web` searches todo-search at a
+    steady rate, from a thread of the demo process through the Python relay.
+    Each search is a new activity, so the broker places every one by the
+    shares of the moment."""
+
+    def __init__(self, url: str, rate: float = SEARCHES_PER_SECOND, concurrency: int = 5):
+        self.url = url
+        self.rate = rate
+        self.concurrency = concurrency
+        self.lock = threading.Lock()
+        self.answers: Counter[str] = Counter()  # by reply name
+        self.failed_by: Counter[str] = Counter()  # todo-search.failed says which version failed
+        self.unanswered = 0
+        self.problem: str | None = None
+        self.online = threading.Event()
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="web searches", daemon=True)
+        self.thread.start()
+        if not self.online.wait(WAIT) or self.problem is not None:
+            raise DemoError(f"web could not connect to send the steady searches: {self.problem or 'timed out'}")
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int], int]:
+        with self.lock:
+            return dict(self.answers), dict(self.failed_by), self.unanswered
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._search)
+        except (RelayError, OSError) as e:
+            self.problem = str(e)
+        finally:
+            self.online.set()
+
+    async def _search(self) -> None:
+        async with open_relay(self.url, "web", connect_timeout=WAIT) as relay:
+            self.online.set()
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.concurrency):
+                    nursery.start_soon(self._searcher, relay)
+
+    async def _searcher(self, relay) -> None:
+        period = self.concurrency / self.rate
+        while not self.stopping.is_set():
+            started = trio.current_time()
+            try:
+                answer = await relay.request("todo-search.query", {"text": "milk"}, timeout=SEARCH_TIMEOUT)
+            except RequestTimeout:
+                with self.lock:
+                    self.unanswered += 1
+            else:
+                with self.lock:
+                    self.answers[answer.name] += 1
+                    if answer.name == "todo-search.failed":
+                        self.failed_by[str((answer.payload or {}).get("version"))] += 1
+            await trio.sleep(max(0.0, started + period - trio.current_time()))
+
+
 class Demo:
     def __init__(self, root: Path, workdir: Path, port: int, pause: float):
         self.root = root
@@ -142,6 +254,7 @@ class Demo:
         self.log = BrokerLog(workdir / "broker.log")
         self.broker: subprocess.Popen | None = None
         self.services: dict[str, subprocess.Popen] = {}
+        self.searches: Searches | None = None
         self.started = time.monotonic()
         path = os.environ.get("PYTHONPATH")
         # The children import exocom from the same place as this process.
@@ -216,6 +329,16 @@ class Demo:
                 [sys.executable, str(self.examples / script), "--url", self.url, *args],
                 stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir, start_new_session=True)
 
+    def restart_broker(self, part: str, config: str, *services: tuple[str, str]) -> None:
+        """Restart the broker with the routing of `part` and wait until `services` (role, version) are back."""
+        self.say(f"restarting the broker with the routing of {part} (same port, same ledger)")
+        self.stop_broker()
+        since = self.log.mark()
+        self.start_broker(self.root / "config" / config)
+        for role, version in services:
+            event = self.registered(role, since, version)
+            self.say(f"{role}@{version} registered again (its relay reconnected by itself): {event['state']}")
+
     def stop(self, name: str) -> None:
         """Ctrl-C (SIGINT) to a service: its relay closes the connection cleanly."""
         process = self.services.pop(name, None)
@@ -229,6 +352,8 @@ class Demo:
             process.wait()
 
     def stop_all(self) -> None:
+        if self.searches is not None:
+            self.searches.stop()
         for name in list(self.services):
             self.stop(name)
         self.stop_broker()
@@ -282,9 +407,24 @@ class Demo:
             return None
         if event == "service registered" and e.get("role") in scripts:
             return f"{e['role']} registered ({scripts[e['role']]})"
+        if event in ("version draining", "version drained") and e.get("role") == target.split("@")[0]:
+            return f"{e['role']}@{e['version']}: {event}: {e.get('reason')}"
         if f"{e.get('role')}@{e.get('version')}" != target:
             return None
         prefix = f"deployment {target}: "
+        if event == "rollout started":
+            return (prefix + f"rollout started: {e['share']:g} % of new production activities go to it "
+                    f"(steps {', '.join(f'{s:g}' for s in e['steps'])} %, at least {e['interval_s']:g}s each)")
+        if event == "rollout stepped up":
+            return (prefix + f"rollout stepped up to {e['share']:g} %, the gates held\n"
+                    f"         figures since the ramp began: {figures_text(e.get('figures'))}")
+        if event == "rollout finished":
+            return prefix + f"rollout finished at {e['share']:g} %"
+        if event == "rollout aborted":
+            return (prefix + f"rollout aborted at step {e['step'] + 1} of its ramp: {e.get('reason')}; "
+                    f"its share is 0 now\n         deciding figures: {figures_text(e.get('figures'))}")
+        if event == "version live" and e.get("was") == "ramping":
+            return prefix + "version live: it is the stable version now, all new activities go to it"
         if event in ("offline step started", "online step started"):
             step = event.split()[0]
             return (prefix + f"{step} step started (attempt {e.get('attempt')}): the broker sent "
@@ -365,13 +505,7 @@ class Demo:
 
     def part_two(self) -> None:
         self.heading("Part 2: todos 2.0.0 with a new schema, next to todos 1.0.0 (config/todo-app-v2.yml)")
-        self.say("restarting the broker with the routing of part 2 (same port, same ledger)")
-        self.stop_broker()
-        since = self.log.mark()
-        self.start_broker(self.root / "config" / "todo-app-v2.yml")
-        for role, version in (("todos", "1.0.0"), ("todo-search", "0.0.1")):
-            event = self.registered(role, since, version)
-            self.say(f"{role}@{version} registered again (its relay reconnected by itself): {event['state']}")
+        self.restart_broker("part 2", "todo-app-v2.yml", ("todos", "1.0.0"), ("todo-search", "0.0.1"))
 
         since = self.log.mark()
         self.start("todos-v2", "todos_v2.py", "--db", str(self.workdir / "todos-v2.sqlite3"))
@@ -422,6 +556,131 @@ class Demo:
         if by != "todos@2.0.0":
             raise DemoError(f"todos.create went to {by or 'nobody'}")
 
+    def part_three(self) -> None:
+        self.heading("Part 3: roll todo-search out gradually, under steady traffic (config/todo-app-v3.yml)")
+        self.restart_broker("part 3", "todo-app-v3.yml", ("todos", "1.0.0"), ("todo-search", "0.0.1"))
+        self.searches = Searches(self.url)
+        self.searches.start()
+        self.say(f"web searches todo-search {SEARCHES_PER_SECOND} times a second from now on "
+                 f"(a thread of this demo, through the Python relay)")
+
+        since = self.log.mark()
+        self.roll_out("0.0.2", "rollout finished")
+        # Logged as 0.0.2 goes live, just before the rollout is finished.
+        self.wait(event_is("version draining", role="todo-search", version="0.0.1"), since,
+                  "todo-search 0.0.1 to drain")
+        _, _, by = self.show_web("search", "milk")
+        if by != "todo-search@0.0.2":
+            raise DemoError(f"a search went to {by or 'nobody'} after todo-search 0.0.2 went live")
+        self.stop("todo-search-0.0.2-deployment")
+
+        abort = self.roll_out("0.0.3", "rollout aborted", "--fail-rate", "1")
+        if abort.get("gate") != "errorRate" or abort.get("step") != 0:
+            raise DemoError(f"todo-search 0.0.3 was aborted by gate {abort.get('gate')} at step "
+                            f"{abort.get('step')}, not by the error-rate gate at its first step")
+        # The share dropped to 0 before the abort was recorded; the record follows.
+        deadline = time.monotonic() + WAIT
+        while not (row := self.deployment_row("todo-search", "0.0.3"))["stopped"]:
+            if time.monotonic() > deadline:
+                raise DemoError("the abort of todo-search 0.0.3 was not recorded in the ledger")
+            time.sleep(0.1)
+        self.say(f"GET /deployments: todo-search@0.0.3 is {row['state']}, share {row['share']:g} %, "
+                 f"recorded as stopped: {row['stopped']}")
+        chart_from = self.log.mark()
+        time.sleep(CHART_PERIOD)  # a second of traffic, to chart where it goes after the abort
+        self.chart("todo-search", chart_from)
+        _, _, by = self.show_web("search", "milk")
+        if by != "todo-search@0.0.2":
+            raise DemoError(f"a search went to {by or 'nobody'} after the rollout of 0.0.3 was aborted")
+        self.searches.stop()
+        answers, failed_by, unanswered = self.searches.counts()
+        self.say(f"web's steady searches: {sum(answers.values())} answered ("
+                 + ", ".join(f"{n} {name}" for name, n in sorted(answers.items())) + f"), {unanswered} unanswered")
+        if unanswered:
+            raise DemoError(f"{unanswered} of web's searches got no answer within {SEARCH_TIMEOUT:g}s")
+        if failed_by:
+            self.detail("todo-search.failed came from "
+                        + ", ".join(f"{v} ({n})" for v, n in sorted(failed_by.items())))
+        self.detail("an operator would now fix 0.0.3 and start its ramp again at its first step: "
+                    "exocom deployments retry todo-search@0.0.3")
+
+    def roll_out(self, version: str, outcome: str, *service_args: str) -> dict:
+        """Start todo-search `version` and its deployment script and follow the
+        rollout until `outcome`; returns that event."""
+        target = f"todo-search@{version}"
+        script = f"todo-search-{version}-deployment"
+        since = self.log.mark()
+        self.start(f"todo-search-{version}", "todo_search.py", "--version", version,
+                   "--db", str(self.workdir / f"todo-search-{version}.sqlite3"), *service_args)
+        event = self.registered("todo-search", since, version)
+        self.say(f"{target} registered{' (its searches fail)' if service_args else ''}: {event['state']} "
+                 f"(its deployment declares a rollout)")
+        since = self.log.mark()
+        self.start(script, "todo_search_deployment.py", "--deploys", version, "--role", script, "--fill", "offline")
+        return self.follow_rollout(target, {script: "its deployment script, which fills the index offline"},
+                                   since, outcome)
+
+    def follow_rollout(self, target: str, scripts: dict[str, str], since: int, outcome: str) -> dict:
+        """Print the deployment of `target` as the broker logs it (but web's
+        steady searches), with a frame of the chart about every second, until
+        its rollout ends with `outcome`; returns that event."""
+        role = target.split("@")[0]
+
+        def told(e: dict) -> bool:
+            return e.get("sender") != "web" and self.describe(e, target, scripts) is not None
+
+        chart_from = since
+        next_frame = time.monotonic() + CHART_PERIOD
+        deadline = time.monotonic() + 3 * WAIT
+        while True:
+            found = self.log.find(told, since, min(next_frame, deadline), self.check_alive)
+            if found is not None:
+                i, e = found
+                since = i + 1
+                self.say(self.describe(e, target, scripts))
+                event = e["event"] if (e.get("role"), e.get("version")) == tuple(target.split("@")) else None
+                if event in ("offline step failed", "online step failed", "version taken out of production",
+                             "rollout finished", "rollout aborted") and event != outcome:
+                    raise DemoError(f"the rollout of {target}: {event} ({e.get('reason') or e.get('error')}), "
+                                    f"expected: {outcome}")
+                if event == "deployment finished":
+                    self.detail("both steps are done; the ramp goes on (only its last step waits for the online step)")
+                if event == outcome:
+                    self.chart(role, chart_from)
+                    return e
+            if time.monotonic() >= deadline:
+                raise DemoError(f"gave up after {3 * WAIT:g}s waiting for the {outcome.split()[1]} "
+                                f"rollout of {target}")
+            if time.monotonic() >= next_frame:
+                chart_from = self.chart(role, chart_from)
+                next_frame = time.monotonic() + CHART_PERIOD
+
+    def chart(self, role: str, since: int) -> int:
+        """One frame of the chart: per connected version of `role`, its share
+        of new activities now (GET /config.json) and the answers it gave to web
+        since log index `since` (the broker's deliveries); returns the index
+        to count from next time."""
+        events = self.log.since(since)
+        answered = Counter(e["sender_version"] for e in events if e.get("event") == "message delivered"
+                           and e.get("sender") == role and e.get("receiver") == "web")
+        total = sum(answered.values())
+        client = next((c for c in self.get("/config.json")["clients"] if c["role"] == role), {"versions": []})
+        self.say(f"{role}: share of new activities (#) and of the {total} answers to web since the last frame (=)")
+        for v in sorted(client["versions"], key=lambda v: Version(v["version"])):
+            got = answered.get(v["version"], 0)
+            percent = 100 * got / total if total else 0.0
+            self.detail(f"{role}@{v['version']:<6} {v['state']:<9} "
+                        f"share {v['share']:5.1f}% |{bar(v['share'], '#', '.')}|  "
+                        f"answered {percent:5.1f}% |{bar(percent, '=', ' ')}| {got:4d}")
+        return since + len(events)
+
+    def deployment_row(self, role: str, version: str) -> dict:
+        return next(d for d in self.get("/deployments")["deployments"] if (d["role"], d["version"]) == (role, version))
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+            return json.load(response)
+
     def finish(self) -> None:
         self.heading("Stopping")
         self.say("services: Ctrl-C to each (their relays close their connections); then the broker (SIGTERM)")
@@ -440,7 +699,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=port_argument, default=None, help="port of the broker (default: a free one)")
     parser.add_argument("--root", default=None, help="the source checkout with examples/ and config/")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases, ledger)")
-    parser.add_argument("--skip-v2", action="store_true", help="stop after part 1 (todo-search)")
+    parser.add_argument("--skip-v2", action="store_true", help="skip part 2 (todos 2.0.0)")
+    parser.add_argument("--skip-rollout", action="store_true",
+                        help="skip part 3 (gradual rollouts of todo-search 0.0.2 and 0.0.3)")
     parser.add_argument("--pause", type=float, default=0.4,
                         help="seconds the todos 2.0.0 migration waits after each todo it copies, so that the "
                              "demo can send traffic while it runs (default 0.4)")
@@ -458,15 +719,18 @@ def main(args) -> int:
     keep = args.keep
     code = 0
     try:
+        done = ["the todo-search 0.0.1 deployment finished"]
         demo.part_one()
         if not args.skip_v2:
             demo.part_two()
+            done.append("todos 2.0.0 took over from 1.0.0 with every todo")
+        if not args.skip_rollout:
+            demo.part_three()
+            done.append("todo-search 0.0.2 ramped up to 100 % and the faulty 0.0.3 was aborted at its first step")
         demo.finish()
-        if args.skip_v2:
-            print("\nDone: the todo-search 0.0.1 deployment finished; part 2 (todos 2.0.0) was skipped "
-                  "(--skip-v2); nothing was lost on the way.")
-        else:
-            print("\nDone: both deployments (todo-search 0.0.1, todos 2.0.0) finished; nothing was lost on the way.")
+        skipped = [flag for flag, skip in (("--skip-v2", args.skip_v2), ("--skip-rollout", args.skip_rollout)) if skip]
+        print(f"\nDone: {'; '.join(done)}" + (f" (skipped: {', '.join(skipped)})" if skipped else "")
+              + "; nothing was lost on the way.")
     except DemoError as e:
         print(f"\nexocom demo failed: {e}", file=sys.stderr)
         keep, code = True, 1
