@@ -148,11 +148,16 @@ def test_rolling_back_a_live_version_makes_the_previous_one_stable_again():
     h.run(h.broker.rollback("todos", NEW, h.now))
     assert state(h, NEW) == "failed" and state(h, OLD) == "live"
     assert spread(h, web, old, new, 50, "a")[1] == []
+    # A rollback never leaves a role without a live version.
+    with pytest.raises(ValueError, match="no other live version"):
+        h.broker.rollback("todos", OLD, h.now)
     # A version without a deployment can be rolled back too, and it stays so after a restart.
+    h.connect("todos", "0.9.0")
+    assert state(h, "0.9.0") == "draining"
     h.run(h.broker.rollback("todos", OLD, h.now))
-    assert state(h, OLD) == "failed"
+    assert state(h, OLD) == "failed" and state(h, "0.9.0") == "live"
     again = Harness(ROUTES, records=h.ledger)
-    again.connect("todos", OLD)
+    again.connect("todos", OLD), again.connect("todos", "0.9.0")
     assert state(again, OLD) == "failed"
 
 

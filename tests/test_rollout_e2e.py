@@ -100,10 +100,12 @@ async def test_a_version_ramps_10_50_100_under_traffic_with_the_configured_share
             async with deployment_script(broker.url, ScriptLog()):
                 d = await wait_state(broker, lambda d: d["state"] == "live", "the ramp to reach 100 %")
             config = await trio.to_thread.run_sync(broker.get, "/config.json")
+            listing = await trio.to_thread.run_sync(broker.get, "/deployments")
             nursery.cancel_scope.cancel()
     assert d["finished"] and d["share"] == 100
     states = {v["version"]: v["state"] for c in config["clients"] if c["role"] == "todos" for v in c["versions"]}
     assert states[NEW] == "live" and states[OLD] in ("draining", "drained")
+    assert {v["version"]: v["state"] for v in listing["versions"]["todos"]} == states
     for step, share in enumerate(ROLLOUT["steps"][:-1]):
         observed, total = traffic.observed_share(step)
         # Binomial spread of a few hundred activities: within 10 points of the configured share.

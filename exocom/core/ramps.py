@@ -179,6 +179,10 @@ class Ramps:
         if state not in (LIVE, DRAINING, DRAINED):
             raise ValueError(f"{role}@{version} is not a live version (state {state or 'not connected'}); "
                              "a ramping one is aborted instead")
+        if not any(p is not pool and self.deployer.state_of(role, p.version)[0] == LIVE
+                   for p in self.registry.pools.get(role, ())):
+            raise ValueError(f"no other live version of {role!r} is connected to take over its traffic: connect "
+                             "the version to fall back to first (a rollback never leaves a role without one)")
         actions: list = []
         reason = "rolled back by an operator"
         if d is not None:

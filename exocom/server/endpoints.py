@@ -61,7 +61,11 @@ async def answer(server: Server, method: str, path: str) -> tuple[int, Any]:
         return 200, broker.config_json()
     if method == "GET" and path == "/deployments":
         ledger_path = getattr(server.ledger, "path", None)
-        return 200, {"deployments": broker.deployments_json(), "ledger": str(ledger_path) if ledger_path else None}
+        # The versions beside the deployments: a replaced version is draining or
+        # drained whether or not a deployment brought it.
+        versions = {c["role"]: c["versions"] for c in broker.config_json()["clients"]}
+        return 200, {"deployments": broker.deployments_json(), "versions": versions,
+                     "ledger": str(ledger_path) if ledger_path else None}
     if method == "POST" and path.startswith("/deployments/") and path.endswith("/retry"):
         return _operator_action(server, path[len("/deployments/"):-len("/retry")], broker.retry, "retrying")
     if method == "POST" and path.startswith("/deployments/") and "/rollout/" in path:
