@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from collections import Counter
 from pathlib import Path
 
@@ -109,7 +110,7 @@ async def run(broker: BrokerProcess) -> None:
                 print(f"{label:>10}  {100 * counts['2.0.0'] / total:7.1f} %  {total}")
 
         print("\n== a faulty 2.0.1: every answer is todos.failed")
-        await nursery.start(todos, broker.url, "2.0.1", faulty=True)
+        await nursery.start(partial(todos, broker.url, "2.0.1", faulty=True))
         await nursery.start(script, broker.url, "2.0.1")
         failed_answers = Counter()
         while (await trio.to_thread.run_sync(broker.deployment, "todos", "2.0.1"))["stopped"] is None:
