@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from exocom.core.actions import Close, Deliver, Log, WriteRecord
+from exocom.core.actions import Close, Deliver, Log, Redeliver, WriteRecord
 from exocom.core.broker import Broker
 from exocom.core.config import parse_service_data
 
@@ -29,7 +29,7 @@ class Harness:
 
     def run(self, actions: list) -> None:
         for action in actions:
-            if isinstance(action, Deliver):
+            if isinstance(action, (Deliver, Redeliver)):
                 self.inbox.setdefault(action.conn, []).append(orjson.loads(action.data))
             elif isinstance(action, Close):
                 self.closed[action.conn] = (action.code, action.reason)

@@ -5,7 +5,7 @@ import trio
 import trio.testing
 from wsproto.frame_protocol import FrameProtocol
 
-from exocom.core.actions import Deliver
+from exocom.core.actions import Deliver, Redeliver
 from exocom.core.broker import Broker
 from exocom.core.config import parse_service_data
 from exocom.server.listener import Limits, Peer, Server
@@ -55,3 +55,18 @@ async def test_pings_whose_pongs_are_never_read_count_against_the_outbox():
                 await trio.testing.wait_all_tasks_blocked()
     assert broker.stats.slow_consumers == 1
     assert sent <= LIMIT // 127 + 2, f"{sent} pings were answered into an outbox of {LIMIT} bytes"
+
+
+async def test_a_backlog_rerouted_from_a_gone_instance_never_drops_the_one_that_takes_it():
+    # Found in review: re-routing a dropped instance's whole outbox to its
+    # sibling in one pass made the healthy sibling a slow consumer too.
+    broker = Broker(parse_service_data({"sink": {}}, "test"))
+    server = Server(broker, None, Limits(max_outbox_bytes=LIMIT), handle_signals=False)
+    ours, theirs = trio.testing.lockstep_stream_pair()
+    peer = Peer(1, "test", ours)
+    server.peers[1] = peer
+    broker.stats.frames_rerouted = 4  # as the core counts them when it offers them
+    server.execute([Redeliver(1, PAYLOAD) for _ in range(4)])  # the fourth does not fit in 1000 bytes
+    assert not peer.closing and broker.stats.slow_consumers == 0
+    assert peer.outbox_bytes == 3 * (len(PAYLOAD) + 4)  # a 300-byte text frame has a 4-byte header
+    assert (broker.stats.frames_rerouted, broker.stats.outbox_dropped_frames) == (3, 1)

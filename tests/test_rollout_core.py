@@ -197,3 +197,84 @@ def test_a_replaced_version_drains_then_is_drained_after_the_quiet_period():
     h.send(web, "todos.list", version="1")  # a pinned message: draining again
     h.tick(1)
     assert state(h, OLD) == "draining"
+
+
+# ------------------------------------------------ found in review (each failed before its fix)
+
+
+def records_of_a_ramp_at_step_0() -> list[dict]:
+    return [{"role": "todos", "version": NEW, "step": "offline", "event": event, "attempt": 1, "at": 0.0,
+             "error": None, "detail": {"rollout": {}} if event == "done" else None} for event in ("started", "done")]
+
+
+def test_after_a_restart_the_reply_time_gate_judges_against_the_stable_version_connected_later():
+    routes = {**ROUTES, "todos-deployment": {"deploys": "todos@2.0.0", "rollout": {
+        "steps": [10, 100], "interval": 600, "gates": {"minSamples": 5, "maxReplyTimeRatio": 1.5}}}}
+    h = Harness(routes, records=records_of_a_ramp_at_step_0())
+    h.tick(1)  # the first judgement comes before any version is connected again
+    web, old, new = h.connect("web"), h.connect("todos", OLD), h.connect("todos", NEW)
+    for i in range(400):
+        h.send(web, "todos.list", activity=f"a-{i}")
+    reply_all(h, old, h.take(old), after=0.001)
+    reply_all(h, new, h.take(new), after=5.0)
+    assert state(h, NEW) == "failed"
+    [aborted] = [log for log in h.logs if log.event == "rollout aborted"]
+    assert aborted.fields["gate"] == "replyTimeRatio"
+
+
+def test_a_version_registered_with_build_metadata_is_judged_like_the_version_it_deploys():
+    h = Harness(ROUTES)
+    web, old, new, script = h.connect("web"), h.connect("todos", OLD), h.connect("todos", "2.0.0+build7"), \
+        h.connect("todos-deployment")
+    answer(h, script, "offline")
+    assert state(h, "2.0.0+build7") == "ramping"
+    for i in range(400):
+        h.send(web, "todos.list", activity=f"a-{i}")
+    reply_all(h, new, h.take(new), "todos.failed")
+    assert state(h, "2.0.0+build7") == "failed"
+
+
+def test_queued_frames_with_any_activity_id_are_rerouted_but_never_to_a_failed_version():
+    h, web, old, new, _ = ramping()
+    sibling = h.connect("todos", NEW)
+    h.send(web, "todos.list", activityId=[1], version="2")  # not a string: forwarded as it is
+    [frame] = h.take(new) + h.take(sibling)
+    h.disconnect(new, [orjson_frame(frame)])  # raised TypeError before
+    assert "queued frames re-routed" in h.events("info")
+    h.take(sibling)
+    h.run(h.broker.rollout("todos", NEW, "abort", h.now))
+    h.send(web, "todos.list", version="2")
+    assert h.take(sibling) == []  # nothing for a failed version
+    h.disconnect(sibling, [orjson_frame(frame)])
+    assert [log.fields["lost"] for log in h.logs if log.event == "queued frames lost"] == [1]
+
+
+def orjson_frame(message: dict) -> bytes:
+    import orjson
+    return orjson.dumps(message)
+
+
+def test_a_retried_online_step_starts_the_ramp_again_from_its_first_step():
+    h, web, old, new, script = ramping()
+    for i in range(200):
+        h.send(web, "todos.list", activity=f"a-{i}")
+    reply_all(h, new, h.take(new))
+    h.tick(61)
+    assert deployment(h)["share"] == 50
+    answer(h, script, "online", "failed", {"reason": "boom"})
+    assert state(h, NEW) == "failed"
+    h.run(h.broker.retry("todos", NEW, h.now))
+    assert state(h, NEW) == "ramping" and deployment(h)["share"] == 10
+    assert deployment(h)["rollout"]["figures"]["replies"] == 0
+
+
+def test_the_rollback_of_a_version_without_a_deployment_is_undone_by_retry():
+    h = Harness(ROUTES)
+    h.connect("todos", "0.9.0"), h.connect("todos", OLD)
+    h.run(h.broker.rollback("todos", OLD, h.now))
+    assert state(h, OLD) == "failed"
+    h.run(h.broker.retry("todos", OLD, h.now))
+    assert state(h, OLD) == "live" and "rollback undone" in h.events("info")
+    again = Harness(ROUTES, records=h.ledger)
+    again.connect("todos", OLD)
+    assert state(again, OLD) == "live"

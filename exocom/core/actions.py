@@ -22,6 +22,15 @@ class Deliver(NamedTuple):
     data: bytes
 
 
+class Redeliver(NamedTuple):
+    """Send a frame queued for an instance that is gone to another one, if
+    its outbox has room: a receiver is never dropped as a slow consumer for
+    taking over somebody else's backlog (the frame is counted as lost)."""
+
+    conn: int
+    data: bytes
+
+
 class Close(NamedTuple):
     """Close a connection with a WebSocket close code and a readable reason."""
 

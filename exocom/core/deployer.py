@@ -71,10 +71,19 @@ class Deployer:
                     self.answers[dep.message_name(target, step, outcome)] = (d, step, outcome)
         self.rolled_back, self.orphan_records = {}, []
         for record in dep.replay(self.deployments, self.records):
-            if record["step"] == dep.ROLLOUT and record["event"] == dep.ROLLED_BACK:
-                self.rolled_back[dep.key(record["role"], record["version"])] = record.get("error") or "rolled back"
-            else:
+            if not self._undeclared_rollback(record):
                 self.orphan_records.append(record)
+
+    def _undeclared_rollback(self, record: dict[str, Any]) -> bool:
+        """Fold a rollback (or its retry) of a version without a deployment; whether it was one."""
+        if record["step"] != dep.ROLLOUT or record["event"] not in (dep.ROLLED_BACK, dep.STEP_REARMED):
+            return False
+        key = dep.key(record["role"], record["version"])
+        if record["event"] == dep.ROLLED_BACK:
+            self.rolled_back[key] = record.get("error") or "rolled back"
+        else:
+            self.rolled_back.pop(key, None)
+        return True
 
     def script_targets(self) -> dict[str, Deploys]:
         """Deployment script role -> the version it deploys."""
@@ -166,8 +175,11 @@ class Deployer:
         d = self.deployment(record["role"], record["version"])
         actions: list = []
         if d is None:
-            if record["step"] == dep.ROLLOUT and record["event"] == dep.ROLLED_BACK:
-                actions.append(Log("info", "rollback recorded", {"role": record["role"], "version": record["version"]}))
+            if self._undeclared_rollback(record):
+                if record["event"] == dep.STEP_REARMED:
+                    self.refresh(record["role"], now, actions)
+                actions.append(Log("info", f"rollback {'undone' if record['event'] == dep.STEP_REARMED else 'recorded'}",
+                                   {"role": record["role"], "version": record["version"]}))
             return actions
         d.writing = None
         before = d.state
@@ -188,6 +200,8 @@ class Deployer:
                                      error=record.get("error"), duration_s=_duration(d.steps[step])))
         elif event == dep.STEP_REARMED:
             actions.append(self._log("info", "deployment re-armed", d, step))
+            if d.ramped:  # a retried step starts its ramp again, from its first step
+                self.rollout_written(d, record, now, actions)
         if d.state != before:
             self._set_state(d, before, now, actions)
         if d.queued and d.writing is None:
@@ -215,6 +229,11 @@ class Deployer:
         """Re-arm the failed steps of a deployment (operator action)."""
         d = self.deployment(role, version)
         if d is None:
+            key = dep.key(role, version)
+            if key in self.rolled_back:  # a version without a deployment, rolled back: undo that
+                return [WriteRecord({"role": role, "version": str(key[1]), "step": dep.ROLLOUT,
+                                     "event": dep.STEP_REARMED, "attempt": 0, "at": now, "error": None,
+                                     "detail": None})]
             raise KeyError(f"no deployment of {role}@{version} is configured")
         failed = [s.name for s in d.steps.values() if s.status == dep.STEP_FAILED]
         if not failed and d.stopped:

@@ -99,6 +99,7 @@ class Deployment:
     queued: list[dict[str, Any]] = field(default_factory=list)
     rollout: Rollout | None = None
     ramp_step: int = 0  # index into rollout.steps in force while ramping
+    ramped: bool = False  # its offline-done record began a ramp (a rollout was declared then)
     ramp_since: float | None = None  # when that step began
     paused: bool = False
     # Why the version is out of production by an abort or a rollback (None: it is not).
@@ -172,9 +173,9 @@ class Deployment:
                 # The ramp begins only where the record says a rollout was declared when
                 # the version went live (a ledger of an older release, or a rollout
                 # declared later, finds the version live already).
-                ramps = (record.get("detail") or {}).get("rollout") is not None
+                self.ramped = (record.get("detail") or {}).get("rollout") is not None
                 last = len(self.rollout.steps) - 1 if self.rollout is not None else 0
-                self.ramp_step, self.ramp_since = (0 if ramps else last), record["at"]
+                self.ramp_step, self.ramp_since = (0 if self.ramped else last), record["at"]
         elif event == STEP_FAILED_EVENT:
             step.status = STEP_FAILED
             step.ended_at = record["at"]
@@ -183,6 +184,8 @@ class Deployment:
             step.status = PENDING
             step.ended_at = None
             self.taken_out = False
+            if self.ramped:  # a failed step aborted the ramp: it begins again from its first step
+                self.ramp_step, self.ramp_since, self.paused = 0, record["at"], False
 
     def _apply_rollout(self, event: str, record: dict[str, Any]) -> None:
         if event == STEPPED:
@@ -197,7 +200,7 @@ class Deployment:
             self.stopped = record.get("error") or event
         elif event == STEP_REARMED:  # a retry of an aborted ramp starts it again from its first step
             self.stopped, self.taken_out, self.paused = None, False, False
-            self.ramp_step, self.ramp_since = 0, record["at"]
+            self.ramp_step, self.ramp_since, self.ramped = 0, record["at"], self.rollout is not None
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -26,6 +26,7 @@ from .stats import Stats
 from .versions import Version
 
 ACTIONS = ("pause", "resume", "promote", "abort")
+_NOTHING = Figures()
 
 
 class Ramps:
@@ -36,7 +37,10 @@ class Ramps:
         self.refresh = lambda role, now, actions: None  # set by the broker (states.VersionStates.refresh)
         # Per ramping deployment: the figures of the new and of the stable
         # version when the ramp began, so that gates judge only the ramp.
-        self._baselines: dict[dep.Key, tuple[Figures, tuple[str, str] | None, Figures | None]] = {}
+        # Per ramp: its version's figures and every version's of the role when the
+        # ramp began. The stable version is looked up at every judgement (it may
+        # connect only after a restart, or change).
+        self._baselines: dict[dep.Key, tuple[Figures, dict[tuple[str, str], Figures]]] = {}
         # Reply names that count as errors, per role (its rollouts' `errorMessages`).
         self.error_names: dict[str, frozenset[str]] = {}
         self.declared()
@@ -65,21 +69,25 @@ class Ramps:
         return role, self.stats.version_label(role, str(version))
 
     def _since_ramp(self, d: dep.Deployment) -> tuple[Figures, Figures | None]:
-        key = dep.key(d.target.role, d.target.version)
+        role = d.target.role
+        key = dep.key(role, d.target.version)
         baseline = self._baselines.get(key)
         if baseline is None:
             baseline = self._baselines[key] = self._baseline(d)
-        new_base, stable_key, stable_base = baseline
-        new = self.stats.figures(self._key(d.target.role, d.target.version)).since(new_base)
-        stable = self.stats.figures(stable_key).since(stable_base) if stable_key is not None else None
-        return new, stable
+        new_base, stable_bases = baseline
+        new = self.stats.figures(self._key(role, d.target.version)).since(new_base)
+        stable_pool = next((p for p in self.registry.pools.get(role, ()) if p.state == LIVE), None)
+        if stable_pool is None:
+            return new, None
+        stable_key = self._key(role, stable_pool.version)
+        # A version without figures when the ramp began has had all of them since.
+        stable_base = stable_bases.get(stable_key) or _NOTHING
+        return new, self.stats.figures(stable_key).since(stable_base)
 
-    def _baseline(self, d: dep.Deployment) -> tuple[Figures, tuple[str, str] | None, Figures | None]:
+    def _baseline(self, d: dep.Deployment) -> tuple[Figures, dict[tuple[str, str], Figures]]:
         role = d.target.role
-        stable = next((p for p in self.registry.pools.get(role, ()) if p.state == LIVE), None)
-        stable_key = self._key(role, stable.version) if stable is not None else None
-        return (self.stats.figures(self._key(role, d.target.version)).copy(), stable_key,
-                self.stats.figures(stable_key).copy() if stable_key is not None else None)
+        stable_bases = {key: figures.copy() for key, figures in self.stats.by_version.items() if key[0] == role}
+        return self.stats.figures(self._key(role, d.target.version)).copy(), stable_bases
 
     # ------------------------------------------------------------------ events
 
@@ -126,6 +134,8 @@ class Ramps:
         fields = {"role": d.target.role, "version": str(d.target.version), "share": d.share,
                   "step": d.ramp_step}
         if event in (dep.STEPPED, dep.PROMOTED):
+            if d.state == FAILED:
+                return  # aborted while this record was written: the abort was logged, this step never took effect
             self.refresh(d.target.role, now, actions)
             name = "rollout stepped up" if event == dep.STEPPED else "rollout promoted"
             actions.append(Log("info", name, {**fields, "figures": record.get("detail")}))

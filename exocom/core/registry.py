@@ -43,7 +43,8 @@ class Instance:
 class VersionPool:
     """The connected instances of one version of one role."""
 
-    __slots__ = ("role", "version", "state", "instances", "profile", "_next", "quiet_since", "quiet_deliveries")
+    __slots__ = ("role", "version", "state", "instances", "profile", "_next", "quiet_since", "quiet_deliveries",
+                 "next_scan_at")
 
     def __init__(self, role: str, version: Version, state: str, profile: CompiledProfile):
         self.role = role
@@ -55,6 +56,7 @@ class VersionPool:
         # While draining: since when nothing reached it, and the delivery count then.
         self.quiet_since = 0.0
         self.quiet_deliveries = 0
+        self.next_scan_at = 0.0  # when it may be checked again for activities that point to it
 
     def pick(self) -> Instance:
         """Round robin (even load, reproducible in tests), passing over

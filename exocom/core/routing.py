@@ -15,12 +15,12 @@ from datetime import datetime, timezone
 
 import orjson
 
-from .actions import Deliver, Log
+from .actions import Deliver, Log, Redeliver
 from .activities import LAST_SEEN, Generations
 from .budget import WarningBudget
 from .choice import Choice
 from .config import Deploys
-from .registry import RAMPING, Instance, Registry, VersionPool
+from .registry import FAILED, HELD, RAMPING, Instance, Registry, VersionPool
 from .routes import RoutingTable
 from .stats import Stats
 from .versions import InvalidRequirement, Requirement
@@ -212,6 +212,8 @@ class Router:
         not re-sent: a deployment step or an authorization starts again by
         itself."""
         pool = self.registry.pool(gone.role, gone.version)
+        if pool is not None and pool.state in (FAILED, HELD):
+            pool = None  # out of production: nothing more reaches it, re-routed or not
         rerouted = own = 0
         for data in frames:
             message = _loads(data)
@@ -221,10 +223,11 @@ class Router:
             if pool is None or not pool.instances:
                 continue
             target = pool.pick()
-            actions.append(Deliver(target.conn, data))  # same version, same profile: the same frame
+            actions.append(Redeliver(target.conn, data))  # same version, same profile: the same frame
             self.stats.delivered(target)
             rerouted += 1
-            activity = self.activities.get(message.get("activityId"))
+            activity_id = message.get("activityId")
+            activity = self.activities.get(activity_id) if activity_id.__class__ is str else None
             if activity is not None and abs(activity.get(gone.role, 0)) == gone.conn:
                 activity[gone.role] = -target.conn
         lost = len(frames) - rerouted - own
@@ -234,6 +237,6 @@ class Router:
                   "queued_frames": len(frames), "rerouted": rerouted, "lost": lost, "not_resent": own}
         if lost:
             actions.append(Log("warning", "queued frames lost", {
-                **fields, "reason": f"no other instance of {gone.role}@{gone.version} is connected"}))
+                **fields, "reason": f"no other instance of {gone.role}@{gone.version} is connected and in production"}))
         else:
             actions.append(Log("info", "queued frames re-routed", fields))

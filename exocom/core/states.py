@@ -71,8 +71,11 @@ class VersionStates:
                     delivered = self._deliveries(pool)
                     if delivered != pool.quiet_deliveries:
                         pool.quiet_since, pool.quiet_deliveries = now, delivered
-                    elif now - pool.quiet_since >= self.drain_period and not self._remembered(pool):
-                        self._enter(pool, DRAINED, now, actions)
+                    elif now - pool.quiet_since >= self.drain_period and now >= pool.next_scan_at:
+                        # The scan walks every remembered activity: at most once per drain period.
+                        pool.next_scan_at = now + self.drain_period
+                        if not self._remembered(pool):
+                            self._enter(pool, DRAINED, now, actions)
                 elif pool.state == DRAINED and self._deliveries(pool) != pool.quiet_deliveries:
                     self._enter(pool, DRAINING, now, actions)
 

@@ -45,6 +45,9 @@ class Stats:
         return figures
 
     def version_label(self, role: str, version: str) -> str:
+        # Versions that differ only in build metadata are one version (one
+        # pool, one deployment): one label, one set of figures.
+        version = version.partition("+")[0]
         seen = self._versions[role]
         if version in seen:
             return version

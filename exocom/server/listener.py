@@ -28,7 +28,7 @@ from wsproto.events import AcceptConnection, RejectConnection
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as HandshakeError
 
-from ..core.actions import CLOSE_GOING_AWAY, CLOSE_TOO_LARGE, Close, Deliver, Log, WriteRecord
+from ..core.actions import CLOSE_GOING_AWAY, CLOSE_TOO_LARGE, Close, Deliver, Log, Redeliver, WriteRecord
 from ..core.broker import Broker
 from .closing import CLOSE_TIMEOUT, RECEIVE_SIZE, discard_until_eof, receive_or_eof
 from .frames import BINARY, CLOSE, PING, PONG, TEXT, FrameDecoder, ProtocolError, close_frame, frame, parse_close, text_header
@@ -151,6 +151,8 @@ class Server:
                 if peer.outbox_bytes > high_water and not peer.congested:
                     peer.congested = True
                     self.execute(self.broker.outbox_congested(peer.id, True))
+            elif cls is Redeliver:
+                self._redeliver(action)
             elif cls is Log:
                 getattr(self.log, action.level)(action.event, **action.fields)
             elif cls is Close:
@@ -159,6 +161,22 @@ class Server:
                     peer.close(action.code, action.reason)
             elif cls is WriteRecord:
                 self._ledger_send.send_nowait(action.record)
+
+    def _redeliver(self, action: Redeliver) -> None:
+        """A frame of an instance that is gone, offered to another: taken only
+        where it fits, so that a backlog never drops a healthy receiver."""
+        peer = self.peers.get(action.conn)
+        data = action.data
+        header = text_header(len(data))
+        if peer is None or peer.closing or peer.outbox_bytes + len(header) + len(data) > self.limits.max_outbox_bytes:
+            stats = self.broker.stats
+            stats.frames_rerouted -= 1
+            stats.outbox_dropped_frames += 1
+            instance = self.broker.registry.by_conn.get(action.conn)
+            if instance is not None:
+                stats.deliveries[instance.metric_key] -= 1
+            return
+        self.execute([Deliver(action.conn, data)])
 
     def _drop_slow_consumer(self, peer: Peer) -> None:
         instance = self.broker.registry.by_conn.get(peer.id)
