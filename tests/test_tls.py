@@ -23,11 +23,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from exocom.cli.probe import probe
 from exocom.core.actions import CLOSE_NOT_IN_CERTIFICATE
 from exocom.relay import RegistrationRefused, client_context, open_relay
 from exocom.server.tls import cert_roles
 from tests.core import Harness
-from tests.processes import BrokerProcess, wait_for
+from tests.processes import BrokerProcess, run_web, start_example, wait_for
 
 
 def role_cert(ca: trustme.CA, tmp_path: Path, name: str, *roles: str) -> tuple[str, str]:
@@ -79,9 +80,8 @@ class TLSBroker(BrokerProcess):
         except OSError:
             return None
 
-    def events(self, event: str) -> list[dict]:
-        lines = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
-        return [line for line in lines if line.get("event") == event]
+    def named(self, event: str) -> list[dict]:
+        return [line for line in self.events() if line.get("event") == event]
 
 
 @contextlib.contextmanager
@@ -114,7 +114,7 @@ async def test_relays_exchange_messages_over_wss_and_https_answers(tmp_path, ca)
         assert broker.get("/healthz") is not None  # https://
         context = client_context(str(broker.ca_file))
         assert await exchange(broker.url, context) == {"todos": ["over TLS"]}
-        [listening] = broker.events("broker listening")
+        [listening] = broker.named("broker listening")
         assert listening["tls"] == "on"
 
 
@@ -134,8 +134,8 @@ async def test_client_certificates_name_the_roles(tmp_path, ca):
         # No certificate: refused at the handshake.
         with pytest.raises((ssl.SSLError, ConnectionError)):
             _handshake(broker.port, client_context(str(broker.ca_file)))
-        wait_for(lambda: broker.events("tls handshake failed"), what="the refused handshake's event")
-        assert "no client certificate" in broker.events("tls handshake failed")[0]["reason"]
+        wait_for(lambda: broker.named("tls handshake failed"), what="the refused handshake's event")
+        assert "no client certificate" in broker.named("tls handshake failed")[0]["reason"]
 
         todos_cert = broker.context(role_cert(ca, tmp_path, "todos", "todos"))
         # A certificate for todos may not register as web: 4007.
@@ -143,7 +143,7 @@ async def test_client_certificates_name_the_roles(tmp_path, ca):
             async with open_relay(broker.url, "web", connect_timeout=10, ssl_context=todos_cert):
                 pass
         assert refused.value.code == CLOSE_NOT_IN_CERTIFICATE == 4007
-        [event] = broker.events("registration refused")
+        [event] = broker.named("registration refused")
         assert event["code"] == 4007 and "'web' is not allowed by the client certificate" in event["reason"]
         # As todos it works; a certificate may name several roles.
         web_cert = broker.context(role_cert(ca, tmp_path, "web", "web", "todo-search"))
@@ -161,14 +161,14 @@ async def test_sighup_reloads_the_certificate(tmp_path, ca):
         # A bad file changes nothing and says why.
         broker.key_file.write_text("not a key")
         broker.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: broker.events("tls reload refused"), what="the refused reload")
-        assert "cannot use --tls-cert" in broker.events("tls reload refused")[0]["error"]
+        wait_for(lambda: broker.named("tls reload refused"), what="the refused reload")
+        assert "cannot use --tls-cert" in broker.named("tls reload refused")[0]["error"]
         assert _handshake(broker.port, context)["serialNumber"] == before
         renewed = ca.issue_cert("127.0.0.1")
         renewed.cert_chain_pems[0].write_to_path(str(broker.cert_file))
         renewed.private_key_pem.write_to_path(str(broker.key_file))
         broker.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: broker.events("tls reloaded"), what="the reload")
+        wait_for(lambda: broker.named("tls reloaded"), what="the reload")
         after = _handshake(broker.port, context)["serialNumber"]
         assert after != before
         assert int(after, 16) == x509.load_pem_x509_certificate(renewed.cert_chain_pems[0].bytes()).serial_number
@@ -184,8 +184,8 @@ async def test_plaintext_to_the_tls_port_gets_a_clear_answer_at_once(tmp_path, c
                 answer += chunk
         assert time.monotonic() - started < 3
         assert answer.startswith(b"HTTP/1.1 400") and b"this port serves TLS: use https:// or wss://" in answer
-        wait_for(lambda: broker.events("tls handshake failed"), what="the event")
-        [event] = broker.events("tls handshake failed")
+        wait_for(lambda: broker.named("tls handshake failed"), what="the event")
+        [event] = broker.named("tls handshake failed")
         assert event["peer"].startswith("127.0.0.1:") and "plaintext" in event["reason"]
 
 
@@ -197,8 +197,8 @@ async def test_tls_to_the_plaintext_port_fails_at_once(tmp_path, ca):
         with pytest.raises((ssl.SSLError, ConnectionError)):
             _handshake(broker.port, client_context(str(ca_file)))
         assert time.monotonic() - started < 3
-        wait_for(lambda: TLSBroker.events(broker, "tls handshake failed"), what="the event")
-        [event] = TLSBroker.events(broker, "tls handshake failed")
+        wait_for(lambda: TLSBroker.named(broker, "tls handshake failed"), what="the event")
+        [event] = TLSBroker.named(broker, "tls handshake failed")
         assert "a TLS client on the plaintext port" in event["reason"]
         # The relay says what went wrong instead of hanging.
         with pytest.raises(Exception) as failed:
@@ -206,6 +206,40 @@ async def test_tls_to_the_plaintext_port_fails_at_once(tmp_path, ca):
                                   ssl_context=client_context(str(ca_file))):
                 pass
         assert "TLS handshake" in str(failed.value) and "serving plaintext? then use ws://" in str(failed.value)
+
+
+async def test_the_health_check_probe_speaks_tls(tmp_path, ca):
+    with running(TLSBroker(tmp_path, ca, "--tls-client-ca", str(tmp_path / "ca.pem"))) as broker:
+        env = {"EXOCOM_PORT": str(broker.port), "EXOCOM_TLS_CERT": str(broker.cert_file)}
+        assert await trio.to_thread.run_sync(probe, "/readyz", env) == 1  # no client certificate
+        env.update(EXOCOM_TLS_CA=str(broker.ca_file), EXOCOM_TLS_CLIENT_CERT=broker.probe_cert[0],
+                   EXOCOM_TLS_CLIENT_KEY=broker.probe_cert[1])
+        assert await trio.to_thread.run_sync(probe, "/readyz", env) == 0
+    (tmp_path / "plain").mkdir()
+    with running(BrokerProcess(tmp_path / "plain")) as broker:
+        assert await trio.to_thread.run_sync(probe, "/readyz", {"PORT": str(broker.port)}) == 0
+
+
+async def test_example_services_take_the_tls_files_from_flags_and_environment(tmp_path, ca, monkeypatch):
+    with running(TLSBroker(tmp_path, ca, "--tls-client-ca", str(tmp_path / "ca.pem"))) as broker:
+        todos_cert, todos_key = role_cert(ca, tmp_path, "todos", "todos")
+        todos = start_example("todos.py", "--url", broker.url, "--db", str(tmp_path / "todos.sqlite3"),
+                              "--ca-file", str(broker.ca_file), "--cert-file", todos_cert, "--key-file", todos_key,
+                              log=tmp_path / "todos.log")
+        try:
+            wait_for(lambda: (broker.get("/config.json") or {"clients": []})["clients"] and
+                     any(c["role"] == "todos" and c["instances"] for c in broker.get("/config.json")["clients"]),
+                     what="todos to register over wss://")
+            web_cert, web_key = role_cert(ca, tmp_path, "web", "web")
+            monkeypatch.setenv("EXOCOM_TLS_CA", str(broker.ca_file))
+            monkeypatch.setenv("EXOCOM_TLS_CLIENT_CERT", web_cert)
+            monkeypatch.setenv("EXOCOM_TLS_CLIENT_KEY", web_key)
+            result = run_web(broker.url, "list")
+            assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout) == []
+        finally:
+            todos.terminate()
+            todos.wait(timeout=10)
 
 
 def test_a_certificate_grants_roles_only_by_uri_san():
