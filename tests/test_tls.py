@@ -26,7 +26,11 @@ from cryptography.x509.oid import NameOID
 from exocom.cli.probe import probe
 from exocom.core.actions import CLOSE_NOT_IN_CERTIFICATE
 from exocom.relay import RegistrationRefused, client_context, open_relay
-from exocom.server.tls import cert_roles
+from exocom.core.broker import Broker
+from exocom.core.config import parse_service_data
+from exocom.server import tls as tls_module
+from exocom.server.listener import Server
+from exocom.server.tls import TLS, TLSFiles, cert_roles
 from tests.core import Harness
 from tests.processes import BrokerProcess, run_web, start_example, wait_for
 
@@ -240,6 +244,23 @@ async def test_example_services_take_the_tls_files_from_flags_and_environment(tm
         finally:
             todos.terminate()
             todos.wait(timeout=10)
+
+
+async def test_a_client_that_never_finishes_the_handshake_is_closed(tmp_path, ca, monkeypatch):
+    monkeypatch.setattr(tls_module, "HANDSHAKE_TIMEOUT", 0.5)
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    tls = TLS(TLSFiles(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")))
+    server = Server(Broker(parse_service_data({"web": {}}, "test")), None, handle_signals=False, tls=tls)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, "127.0.0.1", 0)
+        stalled = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await stalled.send_all(b"\x16\x03\x01")  # the start of a ClientHello, and then nothing
+        with trio.fail_after(3):
+            assert await stalled.receive_some(100) == b""  # closed by the broker
+        assert tls.handshake_failures == 1
+        nursery.cancel_scope.cancel()
 
 
 def test_a_certificate_grants_roles_only_by_uri_san():
