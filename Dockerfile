@@ -45,11 +45,13 @@ USER exocom
 VOLUME ["/var/lib/exocom"]
 EXPOSE 4100
 STOPSIGNAL SIGTERM
-# No curl in the slim image: a python one-liner. It finds the port as
-# `exocom serve` does (EXOCOM_PORT, else PORT, else 4100) and ignores any HTTP
-# proxy of the environment. (Containers of this image that run an example
-# service instead of the broker turn it off: config/docker-compose.yml.)
+# No curl in the slim image: exocom.cli.probe (urllib). It finds the port as
+# `exocom serve` does (EXOCOM_PORT, else PORT, else 4100), speaks https:// when
+# EXOCOM_TLS_CERT is set (TLS on; EXOCOM_TLS_CA, EXOCOM_TLS_CLIENT_CERT/KEY for
+# verification and client certificates) and ignores any HTTP proxy of the
+# environment. (Containers of this image that run an example service instead
+# of the broker turn it off: config/docker-compose.yml.)
 HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/healthz' % (os.environ.get('EXOCOM_PORT') or os.environ.get('PORT') or '4100'), timeout=3)"]
+    CMD ["python", "-m", "exocom.cli.probe", "/healthz"]
 ENTRYPOINT ["exocom"]
 CMD ["serve"]

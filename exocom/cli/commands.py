@@ -24,6 +24,7 @@ from ..logs import LEVELS, configure, get_logger, silence
 from ..server.ledger import FILE_NAME, MARKER_NAME, LedgerError, SQLiteLedger, lost_ledger_error, move_aside, traces_of_a_lost_ledger
 from ..server.listener import Limits, Server
 from ..server.state_lock import StateDirBusy, StateDirLock
+from ..server.tls import TLS, TLSError, TLSFiles
 from .check import InvalidConfig, check_config_command, load_checked, reloader
 from .settings import DEFAULT_HOST, DEFAULT_PORT, default_state_dir, port_argument, resolve_port
 from .status import Unreachable, default_url, fetch, last_error, normalize_url, status_command
@@ -67,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-period", type=float, default=float(os.environ.get("EXOCOM_DRAIN_PERIOD", "30")),
                        help="seconds without traffic after which a replaced (draining) version is drained: safe to "
                             "stop (default 30; env EXOCOM_DRAIN_PERIOD)")
+    # TLS (issue 10): wss:// and https:// on the same port; the files are read again on SIGHUP.
+    serve.add_argument("--tls-cert", metavar="FILE", default=os.environ.get("EXOCOM_TLS_CERT"),
+                       help="serve TLS (wss://, https://) with this PEM certificate chain (env EXOCOM_TLS_CERT; "
+                            "needs --tls-key)")
+    serve.add_argument("--tls-key", metavar="FILE", default=os.environ.get("EXOCOM_TLS_KEY"),
+                       help="the certificate's PEM private key (env EXOCOM_TLS_KEY)")
+    serve.add_argument("--tls-client-ca", metavar="FILE", default=os.environ.get("EXOCOM_TLS_CLIENT_CA"),
+                       help="require a client certificate signed by this CA; its URI SANs exocom:role:NAME are the "
+                            "roles it may register as (env EXOCOM_TLS_CLIENT_CA)")
 
     deployments = sub.add_parser("deployments", help="list deployments (from the running broker, else its ledger), "
                                                      "retry a failed one, or reset a lost or damaged ledger",
@@ -187,6 +197,10 @@ def serve(args, environ) -> int:
         return fail(f"invalid configuration: {e}")
     for problem in warnings:
         log.warning("configuration warning", problem=problem)
+    try:
+        tls = _tls(args)
+    except TLSError as e:
+        return fail(str(e))
     state_dir = args.state_dir or default_state_dir(environ)
     try:
         lock = StateDirLock.acquire(state_dir, "exocom serve")
@@ -208,7 +222,7 @@ def serve(args, environ) -> int:
                     log_deliveries=args.log_level == "debug", max_messages_per_second=args.max_messages_per_second,
                     drain_period=args.drain_period, now=time.time())
     server = Server(broker, ledger, Limits(args.max_frame_bytes, args.max_outbox_bytes), grace_period=args.grace_period,
-                    reloader=reloader(args.config, environ))
+                    reloader=reloader(args.config, environ), tls=tls)
 
     listen_error: list[OSError] = []
 
@@ -218,7 +232,8 @@ def serve(args, environ) -> int:
                 lock.announce_address(f"{args.host}:{server.port}")
                 log.info("broker listening", host=args.host, port=server.port, config_source=config.source,
                          roles=sorted(config.roles), deployments=[str(d) for _, d, _ in config.deployments()],
-                         state_dir=str(Path(state_dir).resolve()), ledger_records=len(records), version=__version__)
+                         state_dir=str(Path(state_dir).resolve()), ledger_records=len(records), version=__version__,
+                         tls="off" if tls is None else "client certificates required" if tls.client_certificates else "on")
 
             try:
                 await nursery.start(partial(server.serve, args.host, port, announce=announce))
@@ -250,6 +265,14 @@ def serve(args, environ) -> int:
         return 1
     log.info("broker stopped")
     return 0
+
+
+def _tls(args) -> TLS | None:
+    if not (args.tls_cert or args.tls_key or args.tls_client_ca):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise TLSError("TLS needs both --tls-cert and --tls-key (or EXOCOM_TLS_CERT and EXOCOM_TLS_KEY)")
+    return TLS(TLSFiles(args.tls_cert, args.tls_key, args.tls_client_ca))
 
 
 def deployments_command(args, environ) -> int:

@@ -60,5 +60,7 @@ CLOSE_ALREADY_REGISTERED = 4003
 CLOSE_BAD_REGISTRATION = 4004
 # The role was removed from the configuration by a reload: reconnecting would be refused with 4001.
 CLOSE_ROLE_REMOVED = 4005
+# The role is not among those the connection's TLS client certificate names (URI SAN exocom:role:NAME).
+CLOSE_NOT_IN_CERTIFICATE = 4007
 CLOSE_TOO_LARGE = 1009
 CLOSE_GOING_AWAY = 1001

@@ -1,7 +1,8 @@
 """Registration: the first frame of a WebSocket names its role and version.
 
 A connection is pending until its registration is accepted; a refusal
-closes it with a code in 4000-4004, and one that does not register within
+closes it with a code in 4000-4004 (4007: a role its TLS client
+certificate does not name), and one that does not register within
 `REGISTRATION_TIMEOUT` is closed with 4000 (an idle unregistered connection
 only holds a file descriptor).
 """
@@ -13,6 +14,7 @@ from typing import Any
 from .actions import (
     CLOSE_BAD_REGISTRATION,
     CLOSE_BAD_VERSION,
+    CLOSE_NOT_IN_CERTIFICATE,
     CLOSE_NOT_REGISTERED,
     CLOSE_UNKNOWN_ROLE,
     Close,
@@ -35,12 +37,17 @@ class Registrations:
         self.stats = stats
         # Connected, not yet registered: conn -> (peer, connected at), oldest first.
         self.pending: dict[int, tuple[str, float]] = {}
+        # TLS client certificates: conn -> the roles its certificate names (only while pending, only with --tls-client-ca).
+        self.cert_roles: dict[int, frozenset[str]] = {}
 
-    def connected(self, conn: int, peer: str, now: float) -> None:
+    def connected(self, conn: int, peer: str, now: float, *, cert_roles: frozenset[str] | None = None) -> None:
         self.pending[conn] = (peer, now)
+        if cert_roles is not None:
+            self.cert_roles[conn] = cert_roles
 
     def closed(self, conn: int) -> bool:
         """Forget a connection that closed before registering; False if it had registered."""
+        self.cert_roles.pop(conn, None)
         return self.pending.pop(conn, None) is not None
 
     def register(self, conn: int, message: Any, now: float, state_of) -> tuple[Instance | None, list]:
@@ -55,6 +62,12 @@ class Registrations:
         routes = self.table.roles.get(role)
         if routes is None:
             return None, self._refuse(conn, CLOSE_UNKNOWN_ROLE, f"role {shown(role)} is not in the routing configuration")
+        # TLS client certificate (--tls-client-ca): the certificate names the roles its holder may register as.
+        allowed = self.cert_roles.pop(conn, None)
+        if allowed is not None and role not in allowed:
+            return None, self._refuse(conn, CLOSE_NOT_IN_CERTIFICATE, (
+                f"role {shown(role)} is not allowed by the client certificate (it names "
+                f"{', '.join(sorted(allowed)) or 'no role'}): issue a certificate with the URI SAN exocom:role:{role}"))
         payload = message.get("payload")
         raw_version = payload.get("version") if isinstance(payload, dict) else None
         if raw_version is None:
@@ -83,6 +96,7 @@ class Registrations:
 
     def _refuse(self, conn: int, code: int, reason: str) -> list:
         peer, _ = self.pending.pop(conn, ("?", 0.0))
+        self.cert_roles.pop(conn, None)
         self.stats.registrations_refused[code] += 1
         return [Log("warning", "registration refused", {"peer": peer, "conn": conn, "code": code, "reason": reason}),
                 Close(conn, code, reason)]

@@ -16,6 +16,7 @@ from .client import (
     RequestTimeout,
     open_relay,
 )
+from .tls import client_context, context_from
 
 __all__ = [
     "ConnectionLost",
@@ -26,5 +27,7 @@ __all__ = [
     "RelayClosed",
     "RelayError",
     "RequestTimeout",
+    "client_context",
+    "context_from",
     "open_relay",
 ]

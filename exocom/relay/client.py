@@ -32,7 +32,10 @@ from __future__ import annotations
 
 import json
 import math
+import ssl
+import urllib.parse
 import uuid
+import contextlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -111,8 +114,12 @@ class Relay:
     Use `open_relay`; or call `run` in a nursery yourself and `close` it."""
 
     def __init__(self, url: str, role: str, version: str | None = None, *,
-                 min_backoff: float = 0.05, max_backoff: float = 5.0, close_timeout: float = 2.0):
+                 min_backoff: float = 0.05, max_backoff: float = 5.0, close_timeout: float = 2.0,
+                 ssl_context: ssl.SSLContext | None = None):
         self.url = url
+        # For wss:// URLs: whom to trust and, when the broker asks for one, the client certificate
+        # (`tls_context`); None: the system's CAs, no client certificate.
+        self.ssl_context = ssl_context
         self.role = role
         self.version = version
         self.min_backoff = min_backoff
@@ -334,7 +341,9 @@ class Relay:
             close = problem = None
             with scope:
                 try:
-                    async with open_websocket_url(self.url, message_queue_size=64,
+                    if self.url.startswith("wss://"):
+                        await _check_tls(self.url, self.ssl_context)
+                    async with open_websocket_url(self.url, self.ssl_context, message_queue_size=64,
                                                   disconnect_timeout=self.close_timeout) as ws:
                         close = await self._session(ws)
                 except ConnectionClosed as e:
@@ -477,6 +486,35 @@ class Relay:
         self.close()
         with trio.move_on_after(self.close_timeout):
             await self._stopped.wait()
+
+
+async def _check_tls(url: str, context: ssl.SSLContext | None) -> None:
+    """A TLS handshake with the broker, to fail at once with the reason: trio-websocket waits out its 60 s connect
+    timeout when the handshake fails under it (python-trio/trio-websocket#199). One more handshake per connection
+    attempt, none per message."""
+    parts = urllib.parse.urlsplit(url)
+    problem = None
+    try:
+        stream = await trio.open_ssl_over_tcp_stream(parts.hostname, parts.port or 443,
+                                                     ssl_context=context or ssl.create_default_context(),
+                                                     https_compatible=True)
+        try:
+            with trio.fail_after(10):
+                await stream.do_handshake()
+        finally:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.aclose()
+    except trio.TooSlowError:
+        problem = f"no TLS handshake with {parts.netloc} within 10s: is it a TLS port?"
+    except trio.BrokenResourceError as e:
+        cause = e.__cause__ or e
+        hint = (" (is the broker serving plaintext? then use ws://)"
+                if isinstance(cause, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
+                or getattr(cause, "reason", None) == "WRONG_VERSION_NUMBER" else "")
+        problem = f"TLS handshake with {parts.netloc} failed: {cause}{hint}"
+    if problem is not None:
+        # Raised outside the handler: `_describe` reads the innermost exception of a HandshakeError's chain.
+        raise HandshakeError(problem)
 
 
 def _describe(e: BaseException) -> str:

@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import math
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -37,6 +38,8 @@ from ..logs import get_logger
 from . import endpoints
 from .endpoints import respond
 from .reloading import Reloader, reload
+from . import tls as tls_
+from .tls import TLS
 
 HTTP_TIMEOUT = 10.0
 MAX_REQUEST_HEAD = 16 * 1024  # request line and headers; larger ones get 431
@@ -98,7 +101,8 @@ class Peer:
 
 class Server:
     def __init__(self, broker: Broker, ledger: Ledger | None, limits: Limits | None = None, *,
-                 grace_period: float = 5.0, handle_signals: bool = True, reloader: Reloader | None = None):
+                 grace_period: float = 5.0, handle_signals: bool = True, reloader: Reloader | None = None,
+                 tls: TLS | None = None):
         self.broker = broker
         self.ledger = ledger
         self.limits = limits or Limits()
@@ -118,6 +122,7 @@ class Server:
         self._all_closed: trio.Event | None = None  # set during a graceful stop once no peer is left
         self.reloader = reloader  # how to read the configuration again (SIGHUP, POST /reload)
         self.reload_lock = trio.Lock()
+        self.tls = tls  # None: plaintext (ws://, http://)
 
     # --------------------------------------------------------------- actions
 
@@ -329,23 +334,71 @@ class Server:
 
     # --------------------------------------------------------------- per TCP
 
-    async def _handle_tcp(self, stream: trio.SocketStream) -> None:
+    async def _handle_tcp(self, tcp: trio.SocketStream) -> None:
         try:
-            address = "%s:%s" % stream.socket.getpeername()[:2]
+            address = "%s:%s" % tcp.socket.getpeername()[:2]
         except OSError:
             address = "?"
+        stream: trio.abc.Stream = tcp
         try:
-            await self._handle_http(stream, address)
+            cert_roles = None
+            if self.tls is not None:
+                stream = await self._tls_handshake(tcp, address)
+                if stream is None:
+                    return
+                if self.tls.client_certificates:
+                    cert_roles = tls_.cert_roles(stream.getpeercert())
+            await self._handle_http(stream, address, cert_roles)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
             pass
         except Exception:
             # One connection's failure never takes the server down.
             self.log.exception("connection failed", peer=address)
         finally:
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            with trio.CancelScope(shield=True), contextlib.suppress(trio.BrokenResourceError):
+                await (stream or tcp).aclose()
 
-    async def _handle_http(self, stream: trio.SocketStream, address: str) -> None:
+    async def _tls_handshake(self, tcp: trio.SocketStream, address: str) -> trio.SSLStream | None:
+        """The TLS handshake, bounded in time; None (and a `tls handshake failed` event) if it fails."""
+        reason = None
+        with trio.move_on_after(tls_.HANDSHAKE_TIMEOUT) as scope:
+            # A peek, so that a plaintext client gets an answer it can read instead of a TLS alert.
+            try:
+                first = await tcp.socket.recv(1, socket.MSG_PEEK)
+            except OSError:
+                return None
+            if not first:
+                return None  # connected and closed without a byte: a port probe
+            if first[0] != tls_.TLS_HANDSHAKE_BYTE:
+                reason = "plaintext on the TLS port: use https:// or wss://"
+                await self._refuse_plaintext(tcp)
+            else:
+                stream = trio.SSLStream(tcp, self.tls.context, server_side=True, https_compatible=True)
+                try:
+                    await stream.do_handshake()
+                    return stream
+                except trio.BrokenResourceError as e:
+                    reason = tls_.describe(e)
+        if scope.cancelled_caught:
+            reason = f"no TLS handshake within {tls_.HANDSHAKE_TIMEOUT:g}s"
+        self._tls_failed(address, reason)
+        return None
+
+    def _tls_failed(self, address: str, reason: str) -> None:
+        suppressed = self.tls.failure_to_log(time.monotonic()) if self.tls else 0
+        if suppressed is not None:
+            self.log.warning("tls handshake failed", peer=address, reason=reason,
+                             **({"suppressed": suppressed} if suppressed else {}))
+
+    async def _refuse_plaintext(self, tcp: trio.SocketStream) -> None:
+        body = b'{"error": "this port serves TLS: use https:// or wss://"}\n'
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await tcp.send_all(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                               b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            await tcp.send_eof()
+            await discard_until_eof(tcp)
+
+    async def _handle_http(self, stream: trio.abc.Stream, address: str, cert_roles: frozenset[str] | None = None) -> None:
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         request = None
         try:
@@ -355,6 +408,10 @@ class Server:
                     if event is h11.NEED_DATA:
                         data = await stream.receive_some(RECEIVE_SIZE)
                         if not data:
+                            return
+                        if data[0] == tls_.TLS_HANDSHAKE_BYTE and self.tls is None and http.their_state is h11.IDLE:
+                            self._tls_failed(address, "a TLS client on the plaintext port: use http:// or ws://, "
+                                                      "or start exocom serve with --tls-cert and --tls-key")
                             return
                         http.receive_data(data)
                     elif isinstance(event, h11.Request):
@@ -385,7 +442,7 @@ class Server:
             if isinstance(event, h11.EndOfMessage):
                 event = http.next_event()
             leftover = http.trailing_data[0] if event is h11.PAUSED else b""
-            await self._websocket(stream, http, address, request, leftover)
+            await self._websocket(stream, http, address, request, leftover, cert_roles)
             return
         # HEAD (health checkers use it) answers as GET, without the body.
         method = b"GET" if request.method == b"HEAD" else request.method
@@ -394,8 +451,8 @@ class Server:
 
     # --------------------------------------------------------------- per peer
 
-    async def _websocket(self, stream: trio.SocketStream, http: h11.Connection, address: str, request: h11.Request,
-                         leftover: bytes) -> None:
+    async def _websocket(self, stream: trio.abc.Stream, http: h11.Connection, address: str, request: h11.Request,
+                         leftover: bytes, cert_roles: frozenset[str] | None = None) -> None:
         if request.method != b"GET":
             # wsproto's initiate_upgrade_connection takes every request for a GET.
             await respond(stream, http, HTTPStatus.METHOD_NOT_ALLOWED,
@@ -418,7 +475,7 @@ class Server:
         conn_id = next(self._ids)
         peer = Peer(conn_id, address, stream)
         self.peers[conn_id] = peer
-        self.execute(self.broker.connected(conn_id, address, time.time()))
+        self.execute(self.broker.connected(conn_id, address, time.time(), cert_roles=cert_roles))
         try:
             async with trio.open_nursery() as nursery:
                 peer.cancel_scope = nursery.cancel_scope
@@ -513,8 +570,11 @@ class Server:
                 if peer.closing:
                     # The end of our side: a peer that waits for the server to close first (RFC 6455 §7.1.1) closes
                     # its own, which ends the lingering close.
-                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await stream.send_eof()
+                    # TLS cannot half-close (trio.SSLStream has no send_eof): there the peer's close frame or
+                    # CLOSE_TIMEOUT ends the lingering close.
+                    if hasattr(stream, "send_eof"):
+                        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                            await stream.send_eof()
                     return
                 peer.wakeup = trio.Event()
                 await peer.wakeup.wait()

@@ -20,6 +20,7 @@ import trio
 
 from ..core.config import Config, ConfigError
 from ..core.reconfigure import config_changes
+from .tls import TLSError
 
 if TYPE_CHECKING:
     from .listener import Server
@@ -43,7 +44,29 @@ class Reloader:
 
 
 async def reload(server: Server, trigger: str) -> tuple[int, dict[str, Any]]:
-    """Read the configuration again and run with it: (HTTP status, body)."""
+    """Read the configuration (and the TLS files) again and run with them: (HTTP status, body)."""
+    status, body = await _reload_config(server, trigger)
+    # TLS certificates: their own verdict, whatever the configuration's was (a renewed certificate must not wait
+    # for a good routing file).
+    if server.tls is not None:
+        body["tls"] = await _reload_tls(server, server.log.bind(trigger=trigger))
+    return status, body
+
+
+async def _reload_tls(server: Server, log) -> dict[str, Any]:
+    files = server.tls.files
+    try:
+        context = await trio.to_thread.run_sync(files.context)
+    except TLSError as e:
+        error = f"{e}; nothing changed: new connections still use the certificates loaded before"
+        log.error("tls reload refused", cert=files.cert, error=error)
+        return {"reloaded": False, "error": error}
+    server.tls.context = context
+    log.info("tls reloaded", cert=files.cert, client_ca=files.client_ca)
+    return {"reloaded": True}
+
+
+async def _reload_config(server: Server, trigger: str) -> tuple[int, dict[str, Any]]:
     log = server.log.bind(trigger=trigger)
     reloader = server.reloader
     async with server.reload_lock:  # a SIGHUP during a POST /reload waits for it
