@@ -278,3 +278,11 @@ def test_the_rollback_of_a_version_without_a_deployment_is_undone_by_retry():
     again = Harness(ROUTES, records=h.ledger)
     again.connect("todos", OLD)
     assert state(again, OLD) == "live"
+
+
+def test_while_no_stable_version_is_connected_the_ramping_version_takes_new_activities():
+    h, web, old, new, _ = ramping()
+    h.disconnect(old)
+    for i in range(20):
+        h.send(web, "todos.list", activity=f"a-{i}")
+    assert len(h.take(new)) == 20 and state(h, NEW) == "ramping"

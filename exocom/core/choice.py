@@ -9,7 +9,7 @@ In this order:
    that satisfies it; a ramping version only when no other one does.
 3. Otherwise a new activity: a ramping version takes it when the activity's
    bucket falls within its share, else the stable version (the newest live
-   one) does. The bucket is a hash of the activity id, so the choice is the
+   one) does -- or, while no stable version is connected, the ramping one. The bucket is a hash of the activity id, so the choice is the
    same every time it is made for one activity, reproducible in tests, and
    an activity that started on the new version stays there as its share
    grows.
@@ -78,6 +78,11 @@ class Choice:
         if stable is not None and public in stable.profile.receives:
             return stable.pick(), ""
         if stable is None:
+            # No stable version left (its instances are gone): a ramping version,
+            # in production and judged by its gates, beats losing the message.
+            for pool, _, _ in view.ramping:
+                if public in pool.profile.receives:
+                    return pool.pick(), ""
             return None, f"no live version of {role!r} is connected (held, failed, draining or drained versions " \
                          "get no new activities)"
         return None, f"the stable version {role}@{stable.version} does not receive {public!r}"
