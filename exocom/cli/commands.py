@@ -22,6 +22,7 @@ from ..core.broker import Broker
 from ..core.config import ConfigError, load, parse_deployment
 from ..logs import LEVELS, configure, get_logger, silence
 from ..server.ledger import FILE_NAME, MARKER_NAME, LedgerError, SQLiteLedger, lost_ledger_error, move_aside, traces_of_a_lost_ledger
+from ..server import credentials
 from ..server.listener import Limits, Server
 from ..server.state_lock import StateDirBusy, StateDirLock
 from .check import InvalidConfig, check_config_command, load_checked, reloader
@@ -67,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-period", type=float, default=float(os.environ.get("EXOCOM_DRAIN_PERIOD", "30")),
                        help="seconds without traffic after which a replaced (draining) version is drained: safe to "
                             "stop (default 30; env EXOCOM_DRAIN_PERIOD)")
+    # Who may connect (issue 10: tokens and operator endpoints).
+    serve.add_argument("--require-auth", action="store_true",
+                       help="refuse to start while any role has no tokenFile/tokenEnv/tokenSha256 (no open roles)")
+    serve.add_argument("--admin-token-file", metavar="FILE",
+                       help="operator token: every POST endpoint (retry, rollout, rollback, reload) then needs "
+                            "'Authorization: Bearer TOKEN'")
+    serve.add_argument("--protect-reads", action="store_true",
+                       help="with --admin-token-file: /config.json, /deployments and /metrics need the token too "
+                            "(the status page then takes it from its URL: /#token=TOKEN)")
 
     deployments = sub.add_parser("deployments", help="list deployments (from the running broker, else its ledger), "
                                                      "retry a failed one, or reset a lost or damaged ledger",
@@ -187,6 +197,20 @@ def serve(args, environ) -> int:
         return fail(f"invalid configuration: {e}")
     for problem in warnings:
         log.warning("configuration warning", problem=problem)
+    open_roles = config.open_roles
+    if args.require_auth and open_roles:
+        return fail(f"--require-auth: role{'s' * (len(open_roles) > 1)} {', '.join(open_roles)} "
+                    f"{'have' if len(open_roles) > 1 else 'has'} no credential: give each one tokenFile, tokenEnv "
+                    "or tokenSha256 in the routing file", open_roles=open_roles)
+    admin_token_sha256 = None
+    if args.admin_token_file:
+        try:
+            admin_token_sha256 = credentials.digest(credentials.read_token_file(Path(args.admin_token_file),
+                                                                               "--admin-token-file"))
+        except ConfigError as e:
+            return fail(str(e))
+    elif args.protect_reads:
+        return fail("--protect-reads needs --admin-token-file (the token the reads are then protected with)")
     state_dir = args.state_dir or default_state_dir(environ)
     try:
         lock = StateDirLock.acquire(state_dir, "exocom serve")
@@ -208,7 +232,8 @@ def serve(args, environ) -> int:
                     log_deliveries=args.log_level == "debug", max_messages_per_second=args.max_messages_per_second,
                     drain_period=args.drain_period, now=time.time())
     server = Server(broker, ledger, Limits(args.max_frame_bytes, args.max_outbox_bytes), grace_period=args.grace_period,
-                    reloader=reloader(args.config, environ))
+                    reloader=reloader(args.config, environ), admin_token_sha256=admin_token_sha256,
+                    protect_reads=args.protect_reads)
 
     listen_error: list[OSError] = []
 
@@ -217,7 +242,7 @@ def serve(args, environ) -> int:
             def announce() -> None:
                 lock.announce_address(f"{args.host}:{server.port}")
                 log.info("broker listening", host=args.host, port=server.port, config_source=config.source,
-                         roles=sorted(config.roles), deployments=[str(d) for _, d, _ in config.deployments()],
+                         roles=sorted(config.roles), open_roles=open_roles, deployments=[str(d) for _, d, _ in config.deployments()],
                          state_dir=str(Path(state_dir).resolve()), ledger_records=len(records), version=__version__)
 
             try:

@@ -87,8 +87,9 @@ class Broker:
 
     # ------------------------------------------------------------------ events
 
-    def connected(self, conn: int, peer: str, now: float = 0.0) -> list:
-        self.registrations.connected(conn, peer, now)
+    def connected(self, conn: int, peer: str, now: float = 0.0, *, bearer: str | None = None) -> list:
+        """`bearer`: the token of the upgrade request's `Authorization: Bearer`, if any."""
+        self.registrations.connected(conn, peer, now, bearer)
         return []
 
     def disconnected(self, conn: int, now: float, unsent: list[bytes] = ()) -> list:
