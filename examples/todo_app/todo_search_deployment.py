@@ -44,7 +44,7 @@ def main():
 
     args = parse_args(__doc__, extra=options)
     script = DeploymentScript("todo-search", args.deploys, **{args.fill: fill_search_index})
-    serve_forever(args.url, args.role, args.version, script.attach)
+    serve_forever(args.url, args.role, args.version, script.attach, token=args.token)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from exocom.logs import configure
 from exocom.relay import RelayError, open_relay
 
 
-async def run(url: str, command: str, text: str | None, timeout: float, pin: str | None = None):
-    async with open_relay(url, "web", connect_timeout=timeout) as relay:
+async def run(url: str, command: str, text: str | None, timeout: float, pin: str | None = None,
+              token: str | None = None):
+    async with open_relay(url, "web", connect_timeout=timeout, token=token) as relay:
         if command == "add":
             answer = await relay.request("todos.create", {"title": text}, timeout=timeout, version=pin)
         elif command == "list":
@@ -39,10 +40,12 @@ def main():
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--pin", metavar="VERSION",
                         help='version requirement of the receiving service: "1" (any 1.x.y), "1.2" or "1.2.3"')
+    parser.add_argument("--token", default=None, help="web's token, if the routing file gives it one "
+                                                       "(default: $EXOCOM_TOKEN)")
     args = parser.parse_args()
     configure(None, "warning", stream=sys.stderr)  # stdout carries the answers (`web.py list | jq`)
     try:
-        trio.run(run, args.url, args.command, args.text, args.timeout, args.pin)
+        trio.run(run, args.url, args.command, args.text, args.timeout, args.pin, args.token)
     except RelayError as e:
         print(f"web.py {args.command}: {e}", file=sys.stderr)
         sys.exit(1)

@@ -27,7 +27,8 @@ from ..server.listener import Limits, Server
 from ..server.state_lock import StateDirBusy, StateDirLock
 from .check import InvalidConfig, check_config_command, load_checked, reloader
 from .settings import DEFAULT_HOST, DEFAULT_PORT, default_state_dir, port_argument, resolve_port
-from .status import Unreachable, default_url, fetch, last_error, normalize_url, status_command
+from .status import (Unreachable, add_admin_token_arguments, admin_headers, default_url, fetch, last_error,
+                     normalize_url, status_command, use_admin_token)
 
 
 def deployment_argument(text: str) -> str:
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "list reads the ledger instead when --state-dir is given "
                                                            "or no broker answers")
     deployments.add_argument("--json", action="store_true", help="print JSON")
+    add_admin_token_arguments(deployments)
     deployments.set_defaults(action="list", target=None)
     actions = deployments.add_subparsers(dest="action", metavar="{list,retry,reset}")
     # Options given after the subcommand: SUPPRESS keeps them from erasing the
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(listing, argparse.SUPPRESS)
     listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     listing.add_argument("--url", default=argparse.SUPPRESS, help="the running broker to ask")
+    add_admin_token_arguments(listing, argparse.SUPPRESS)
     retry_parser = actions.add_parser(
         "retry", help="re-arm the failed step of a deployment",
         description="Re-arm the failed step of a deployment: on the running broker at --url if one answers "
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry_parser.add_argument("--url", default=argparse.SUPPRESS, help="the running broker to ask first (default "
                                                           "http://127.0.0.1:$EXOCOM_PORT, else $PORT, else 4100)")
     config_args(retry_parser, argparse.SUPPRESS)
+    add_admin_token_arguments(retry_parser, argparse.SUPPRESS)
     reset_parser = actions.add_parser(
         "reset", help="start over: move the ledger aside (the broker must be stopped)",
         description="Move the ledger, its -wal/-shm files and ledger.created aside as NAME.reset-TIMESTAMP, so "
@@ -126,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "timestamped line per change otherwise; Ctrl-C ends it")
     status.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between looks with --watch "
                                                                                  "(default 2)")
+    add_admin_token_arguments(status)
 
     # Rollouts (contract 7.4): `exocom rollout ROLE@VERSION [ACTION]`, `exocom rollback ROLE@VERSION`.
     from .rollout import add_arguments as rollout_arguments
@@ -158,6 +163,10 @@ def _command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args, os.environ)
+    problem = use_admin_token(args, os.environ)
+    if problem:
+        print(f"exocom {args.command}: {problem}", file=sys.stderr)
+        return 2
     if args.command == "status" and args.watch:
         if args.json:
             print("exocom status: --watch prints text for people; for JSON, run `exocom status --json` "
@@ -419,7 +428,8 @@ def _load_config(command: str, args, environ):
 
 def retry(args, environ, url: str) -> int:
     role, _, version = args.target.partition("@")
-    request = urllib.request.Request(f"{url}/deployments/{args.target}/retry", method="POST", data=b"")
+    request = urllib.request.Request(f"{url}/deployments/{args.target}/retry", method="POST", data=b"",
+                                     headers=admin_headers())
     # A proxy from the environment must not stand between us and a local broker
     # (a refused proxy would look like "no broker running").
     host = urllib.parse.urlsplit(url).hostname

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -111,8 +112,13 @@ class Relay:
     Use `open_relay`; or call `run` in a nursery yourself and `close` it."""
 
     def __init__(self, url: str, role: str, version: str | None = None, *,
-                 min_backoff: float = 0.05, max_backoff: float = 5.0, close_timeout: float = 2.0):
+                 min_backoff: float = 0.05, max_backoff: float = 5.0, close_timeout: float = 2.0,
+                 token: str | None = None):
         self.url = url
+        # The role's token (its `tokenFile`/`tokenEnv`/`tokenSha256` in the routing file), sent as
+        # `Authorization: Bearer` on the upgrade, never in a frame; default: $EXOCOM_TOKEN.
+        token = token if token is not None else os.environ.get("EXOCOM_TOKEN") or None
+        self._headers = [(b"authorization", b"Bearer " + token.encode())] if token else None
         self.role = role
         self.version = version
         self.min_backoff = min_backoff
@@ -334,7 +340,7 @@ class Relay:
             close = problem = None
             with scope:
                 try:
-                    async with open_websocket_url(self.url, message_queue_size=64,
+                    async with open_websocket_url(self.url, message_queue_size=64, extra_headers=self._headers,
                                                   disconnect_timeout=self.close_timeout) as ws:
                         close = await self._session(ws)
                 except ConnectionClosed as e:
@@ -514,7 +520,8 @@ async def open_relay(url: str, role: str, version: str | None = None, *, connect
     Waits (retrying with backoff) until the broker accepts the registration,
     or raises `RequestTimeout` after `connect_timeout` seconds (default: wait
     as long as it takes); raises `RegistrationRefused` if the broker refuses
-    it. If the broker refuses a later
+    it (4006: a missing or wrong `token=`, default $EXOCOM_TOKEN; 4008: too
+    many of those from this host lately). If the broker refuses a later
     registration (after it restarted with another configuration), the block is
     cancelled and `RegistrationRefused` raised. Leaving the block closes the
     connection cleanly, also on an exception or Ctrl-C."""
