@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 import trio
 
+import auth_mode
 from fleet import EXOCOM, FAST
 from processes import ROOT, BrokerProcess, broker_with_config, free_port
 from test_crash_restart import cli_env
@@ -33,6 +34,14 @@ def routes(tmp_path) -> dict:
         "audit": {"receives": ["todos.list"], "tokenSha256": hashlib.sha256(b"audit-token").hexdigest()},
         "legacy": {"receives": ["todos.listing"]},
     }
+
+
+@pytest.fixture(autouse=True)
+def own_credentials(monkeypatch):
+    """These tests set every token themselves, also under EXOCOM_TEST_REQUIRE_AUTH=1."""
+    monkeypatch.setattr(auth_mode, "ON", False)
+    monkeypatch.setattr(auth_mode, "HEADERS", [])
+    monkeypatch.delenv("EXOCOM_TOKEN", raising=False)
 
 
 @pytest.fixture
@@ -145,6 +154,10 @@ def test_require_auth_starts_when_every_role_has_a_credential(tmp_path):
         broker.env["WEB_TOKEN"] = WEB_TOKEN
         broker.start()
         assert events(broker, "broker listening")[0]["open_roles"] == []
+        broker.config.write_text(json.dumps(routes(tmp_path)))  # legacy is open again
+        status, _, body = request(broker, "POST", "/reload")
+        assert status == 422 and "--require-auth: role legacy has no credential" in json.loads(body)["error"]
+        assert events(broker, "configuration reload refused")
 
 
 # ------------------------------------------------------------- operator endpoints

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import gc
 import json
@@ -194,6 +195,22 @@ def fail(message: str, code: int = 2, **fields) -> int:
     return code
 
 
+def _open_roles_error(open_roles: list[str]) -> str:
+    return (f"--require-auth: role{'s' * (len(open_roles) > 1)} {', '.join(open_roles)} "
+            f"{'have' if len(open_roles) > 1 else 'has'} no credential: give each one tokenFile, tokenEnv or "
+            "tokenSha256 in the routing file")
+
+
+def _closed_roles_only(load):
+    """--require-auth holds on reload too: a file that opens a role is refused like a file with errors."""
+    def checked():
+        config, warnings = load()
+        if config.open_roles:
+            raise ConfigError(_open_roles_error(config.open_roles))
+        return config, warnings
+    return checked
+
+
 def serve(args, environ) -> int:
     configure(args.log_format, args.log_level)
     log = get_logger()
@@ -208,9 +225,7 @@ def serve(args, environ) -> int:
         log.warning("configuration warning", problem=problem)
     open_roles = config.open_roles
     if args.require_auth and open_roles:
-        return fail(f"--require-auth: role{'s' * (len(open_roles) > 1)} {', '.join(open_roles)} "
-                    f"{'have' if len(open_roles) > 1 else 'has'} no credential: give each one tokenFile, tokenEnv "
-                    "or tokenSha256 in the routing file", open_roles=open_roles)
+        return fail(_open_roles_error(open_roles), open_roles=open_roles)
     admin_token_sha256 = None
     if args.admin_token_file:
         try:
@@ -240,8 +255,11 @@ def serve(args, environ) -> int:
     broker = Broker(config, ledger_records=records, step_timeout=args.step_timeout,
                     log_deliveries=args.log_level == "debug", max_messages_per_second=args.max_messages_per_second,
                     drain_period=args.drain_period, now=time.time())
+    reload = reloader(args.config, environ)
+    if args.require_auth and reload.load is not None:
+        reload = dataclasses.replace(reload, load=_closed_roles_only(reload.load))
     server = Server(broker, ledger, Limits(args.max_frame_bytes, args.max_outbox_bytes), grace_period=args.grace_period,
-                    reloader=reloader(args.config, environ), admin_token_sha256=admin_token_sha256,
+                    reloader=reload, admin_token_sha256=admin_token_sha256,
                     protect_reads=args.protect_reads)
 
     listen_error: list[OSError] = []

@@ -127,8 +127,7 @@ class Registrations:
         token = payload.get("token") if isinstance(payload, dict) and "token" in payload else bearer
         expected = self.digests[role]
         if token is None:
-            reason = (f"role {shown(role)} needs a token: send it as 'Authorization: Bearer TOKEN' on the upgrade "
-                      "request or as payload.token in the registration")
+            reason = f"role {shown(role)} needs a token: 'Authorization: Bearer TOKEN' or payload.token"
         elif token.__class__ is not str or not token or len(token) > MAX_TOKEN_LENGTH:
             reason = f"role {shown(role)}: the token must be a non-empty string of at most {MAX_TOKEN_LENGTH} characters"
         elif expected is None or not hmac.compare_digest(
