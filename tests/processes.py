@@ -14,6 +14,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import auth_mode
+from exocom.core.config import default_config_text
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "todo_app"
 
@@ -54,9 +57,31 @@ class BrokerProcess:
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def _auth_args(self) -> list[str]:
+        """EXOCOM_TEST_REQUIRE_AUTH=1 (tests/auth_mode.py): every role of the routing gets a token."""
+        if not auth_mode.ON:
+            return []
+        if "--config" in self.args:
+            at = self.args.index("--config") + 1
+            path = (ROOT / self.args[at]).resolve()
+            if path.is_relative_to(ROOT):  # a file of the repository: a copy (tests rewrite theirs in place)
+                copy = self.state_dir.parent / f"with-tokens-{path.name}"
+                copy.write_text(auth_mode.text_with_tokens(path.read_text()))
+                self.args[at] = str(copy)
+            else:
+                auth_mode.rewrite_file(path)
+            return ["--require-auth"]
+        if "SERVICE_DATA" in self.env:
+            self.env["SERVICE_DATA"] = auth_mode.text_with_tokens(self.env["SERVICE_DATA"])
+            return ["--require-auth"]
+        default = self.state_dir.parent / "default-routes-with-tokens.json"
+        default.write_text(auth_mode.text_with_tokens(default_config_text()[0]))
+        return ["--require-auth", "--config", str(default)]
+
     def start(self) -> BrokerProcess:
+        extra = self._auth_args()  # first: it may point --config at a copy
         log = open(self.log_path, "a")
-        self.process = subprocess.Popen([sys.executable, "-m", "exocom", "serve", *self.args],
+        self.process = subprocess.Popen([sys.executable, "-m", "exocom", "serve", *self.args, *extra],
                                         stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
         log.close()
         wait_for(lambda: self.process.poll() is not None or self.get("/healthz") is not None,
@@ -112,11 +137,18 @@ class BrokerProcess:
                 self.process.wait()
 
 
+class RoutesPath(type(Path())):
+    """A routing file that gets a token on every role whenever a test writes it, in EXOCOM_TEST_REQUIRE_AUTH mode."""
+
+    def write_text(self, data, *args, **kwargs):
+        return super().write_text(auth_mode.text_with_tokens(data), *args, **kwargs)
+
+
 @contextlib.contextmanager
 def broker_with_config(tmp_path: Path, routes: dict, *args: str):
     """A BrokerProcess (not started) on `--config` with these routes, written
     to `.config` (rewrite it to reload), stopped at the end."""
-    config = tmp_path / "routes.json"
+    config = RoutesPath(tmp_path / "routes.json")
     config.write_text(json.dumps(routes))
     process = BrokerProcess(tmp_path, "--config", str(config), *args)
     process.config = config

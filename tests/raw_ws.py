@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 
+import auth_mode
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, Request, TextMessage
@@ -49,7 +50,8 @@ class RawClient:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         await sock.connect(("127.0.0.1", port))
         client = cls(trio.SocketStream(sock), WSConnection(ConnectionType.CLIENT))
-        await client.stream.send_all(client.ws.send(Request(host=f"127.0.0.1:{port}", target="/services")))
+        await client.stream.send_all(client.ws.send(Request(host=f"127.0.0.1:{port}", target="/services",
+                                                                   extra_headers=auth_mode.HEADERS)))
         with trio.fail_after(5):
             while True:
                 client.ws.receive_data(await client.stream.receive_some(65536))

@@ -107,7 +107,7 @@ class Stack:
         self.dir = tmp_path
         self.broker = BrokerProcess(tmp_path)
         self.processes: list[subprocess.Popen] = []
-        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("EXOCOM_")},
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("EXOCOM_") or k == "EXOCOM_TOKEN"},
                     "EXOCOM_URL": self.broker.url}
 
     def instances(self) -> int:

@@ -9,6 +9,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.frame_protocol import FrameProtocol
 
+import auth_mode
 from wire import running_broker
 
 ROUTES = {"web": {"sends": ["ping"]}, "users": {"receives": ["ping"]}}
@@ -56,7 +57,7 @@ async def test_frames_sent_with_the_upgrade_request_are_not_lost():
         async with broker.service("users") as users:
             ws = WSConnection(ConnectionType.CLIENT)
             frames = FrameProtocol(client=True, extensions=[])  # wsproto's client would wait for the 101
-            data = ws.send(Request(host="x", target="/services"))
+            data = ws.send(Request(host="x", target="/services", extra_headers=auth_mode.HEADERS))
             data += frames.send_data(json.dumps({"name": "exocom.register-service", "sender": "web", "id": "r"}))
             data += frames.send_data(json.dumps({"name": "ping", "sender": "web", "id": "p1", "activityId": "a"}))
             stream = await trio.open_tcp_stream("127.0.0.1", broker.port)

@@ -77,6 +77,7 @@ async def test_service_data_keeps_the_go_brokers_tolerance_with_the_checks_words
         await exocom.wait_for("broker listening")
         warnings = [r["problem"] for r in exocom.records() if r["event"] == "configuration warning"]
     assert "SERVICE_DATA: warning: role 'users', key 'recieves': unknown key 'recieves' (did you mean " \
-           "'receives'?); known keys: deploys, receives, rollout, sends, stepTimeout, translations, versions" in warnings
+           "'receives'?); known keys: deploys, receives, rollout, sends, stepTimeout, tokenEnv, tokenFile, tokenSha256, " \
+           "translations, versions" in warnings
     assert any("role 'web', key 'dependencies': unknown key 'dependencies'" in w for w in warnings)
     assert any("sends 'a', which no role receives" in w for w in warnings)

@@ -11,6 +11,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+import auth_mode
 from exocom.core.broker import Broker
 from exocom.core.config import parse_service_data
 from exocom.server.ledger import SQLiteLedger
@@ -74,7 +75,7 @@ class RunningBroker:
 
     @asynccontextmanager
     async def service(self, role: str, version: str | None = None, register: bool = True, payload: Any = None):
-        async with open_websocket_url(self.url) as ws:
+        async with open_websocket_url(self.url, extra_headers=auth_mode.HEADERS) as ws:
             service = Service(ws, role)
             if register:
                 await service.register(version, payload)
@@ -94,7 +95,7 @@ class RunningBroker:
 
 @asynccontextmanager
 async def running_broker(service_data: dict, tmp_path=None, limits: Limits | None = None, **broker_options):
-    config = parse_service_data(service_data, "test")
+    config = parse_service_data(auth_mode.with_tokens(service_data), "test")
     ledger = SQLiteLedger.in_state_dir(tmp_path) if tmp_path is not None else None
     records = ledger.load() if ledger else []
     broker = Broker(config, ledger_records=records, log_deliveries=True, **broker_options)

@@ -30,6 +30,8 @@ def parse_args(description: str, default_version: str | None = None, extra=None)
                         help="the broker; wss://HOST:PORT/services for TLS")
     parser.add_argument("--version", default=default_version)
     tls_arguments(parser)
+    parser.add_argument("--token", default=None,
+                        help="this role's token, if the broker's routing file gives it one (default: $EXOCOM_TOKEN)")
     if extra:
         extra(parser)
     args = parser.parse_args()
@@ -38,14 +40,14 @@ def parse_args(description: str, default_version: str | None = None, extra=None)
     return args
 
 
-def serve_forever(url: str, role: str, version: str | None, setup, ssl_context=None) -> None:
+def serve_forever(url: str, role: str, version: str | None, setup, ssl_context=None, token: str | None = None) -> None:
     """Connect as `role`@`version` and serve until SIGTERM (`docker stop`) or
     SIGINT (Ctrl-C), which close the connection cleanly and exit 0.
     `setup(relay)` registers the handlers before the relay connects."""
     async def main():
         async with trio.open_nursery() as nursery:
             await nursery.start(stop_on_signal, nursery.cancel_scope)
-            async with open_relay(url, role, version, setup=setup, ssl_context=ssl_context):
+            async with open_relay(url, role, version, setup=setup, ssl_context=ssl_context, token=token):
                 await trio.sleep_forever()
 
     trio.run(main)

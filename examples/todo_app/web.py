@@ -22,8 +22,9 @@ from exocom.relay import RelayError, open_relay
 from common import tls_arguments, tls_context
 
 
-async def run(url: str, command: str, text: str | None, timeout: float, pin: str | None = None, ssl_context=None):
-    async with open_relay(url, "web", connect_timeout=timeout, ssl_context=ssl_context) as relay:
+async def run(url: str, command: str, text: str | None, timeout: float, pin: str | None = None, ssl_context=None,
+              token: str | None = None):
+    async with open_relay(url, "web", connect_timeout=timeout, ssl_context=ssl_context, token=token) as relay:
         if command == "add":
             answer = await relay.request("todos.create", {"title": text}, timeout=timeout, version=pin)
         elif command == "list":
@@ -42,10 +43,12 @@ def main():
     parser.add_argument("--pin", metavar="VERSION",
                         help='version requirement of the receiving service: "1" (any 1.x.y), "1.2" or "1.2.3"')
     tls_arguments(parser)
+    parser.add_argument("--token", default=None, help="web's token, if the routing file gives it one "
+                                                       "(default: $EXOCOM_TOKEN)")
     args = parser.parse_args()
     configure(None, "warning", stream=sys.stderr)  # stdout carries the answers (`web.py list | jq`)
     try:
-        trio.run(run, args.url, args.command, args.text, args.timeout, args.pin, tls_context(args))
+        trio.run(run, args.url, args.command, args.text, args.timeout, args.pin, tls_context(args), args.token)
     except RelayError as e:
         print(f"web.py {args.command}: {e}", file=sys.stderr)
         sys.exit(1)

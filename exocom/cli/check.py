@@ -31,9 +31,10 @@ from typing import Any
 
 import yaml
 
-from ..core.config import (PROFILE_KEYS, ROLE_KEYS, Config, ConfigError, default_config_text, load, parse_rollout,
-                           parse_service_data)
+from ..core.config import (CREDENTIAL_KEYS, PROFILE_KEYS, ROLE_KEYS, Config, ConfigError, default_config_text, load,
+                           parse_credential, parse_rollout, parse_service_data)
 from ..core.versions import InvalidRequirement, InvalidVersion, Requirement, Version
+from ..server import credentials
 from ..server.reloading import Reloader
 
 ERROR, WARNING = "error", "warning"
@@ -280,6 +281,11 @@ def check_data(data: Any, source: str, lines: dict[tuple, int] | None = None,
                 c.error((*path, "rollout"), str(e).removeprefix(f"role {name!r}: "))
             if entry.get("deploys") is None:
                 c.error((*path, "rollout"), "needs 'deploys' (it ramps the version this role deploys)")
+        try:
+            parse_credential(name, entry)
+        except ConfigError as e:
+            key = next(k for k in CREDENTIAL_KEYS if entry.get(k) is not None)
+            c.error((*path, key), str(e).removeprefix(f"role {name!r}: "))
 
     for name in sorted(step_timeouts - set(deploys)):
         if not (isinstance(data[name], dict) and data[name].get("deploys") is not None):
@@ -410,10 +416,13 @@ def load_checked(config_file: str | None, environ) -> tuple[Config, list[str]]:
         errors = [p for p in problems if p.severity == ERROR]
         if errors:
             raise InvalidConfig(source, errors)
-        return load(config_file, environ), [p.format(source) for p in _by_line(problems)]
+        base = Path(config_file).parent if config_file else Path.cwd()
+        return (credentials.resolve(load(config_file, environ), environ, base),
+                [p.format(source) for p in _by_line(problems)])
     config = load(None, environ)  # refuses what the Go broker refused, one line
     problems = check_data(json.loads(environ["SERVICE_DATA"]), "SERVICE_DATA")
-    return config, [replace(p, severity=WARNING).format("SERVICE_DATA") for p in problems]
+    return (credentials.resolve(config, environ, Path.cwd()),
+            [replace(p, severity=WARNING).format("SERVICE_DATA") for p in problems])
 
 
 def reloader(config_file: str | None, environ) -> Reloader:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import gc
 import json
@@ -22,12 +23,14 @@ from ..core.broker import Broker
 from ..core.config import ConfigError, load, parse_deployment
 from ..logs import LEVELS, configure, get_logger, silence
 from ..server.ledger import FILE_NAME, MARKER_NAME, LedgerError, SQLiteLedger, lost_ledger_error, move_aside, traces_of_a_lost_ledger
+from ..server import credentials
 from ..server.listener import Limits, Server
 from ..server.state_lock import StateDirBusy, StateDirLock
 from ..server.tls import TLS, TLSError, TLSFiles
 from .check import InvalidConfig, check_config_command, load_checked, reloader
 from .settings import DEFAULT_HOST, DEFAULT_PORT, default_state_dir, port_argument, resolve_port
-from .status import Unreachable, default_url, fetch, last_error, normalize_url, status_command
+from .status import (Unreachable, add_admin_token_arguments, admin_headers, default_url, fetch, last_error,
+                     normalize_url, status_command, use_admin_token)
 
 
 def deployment_argument(text: str) -> str:
@@ -77,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-client-ca", metavar="FILE", default=os.environ.get("EXOCOM_TLS_CLIENT_CA"),
                        help="require a client certificate signed by this CA; its URI SANs exocom:role:NAME are the "
                             "roles it may register as (env EXOCOM_TLS_CLIENT_CA)")
+    # Who may connect (issue 10: tokens and operator endpoints).
+    serve.add_argument("--require-auth", action="store_true",
+                       help="refuse to start while any role has no tokenFile/tokenEnv/tokenSha256 (no open roles)")
+    serve.add_argument("--admin-token-file", metavar="FILE",
+                       help="operator token: every POST endpoint (retry, rollout, rollback, reload) then needs "
+                            "'Authorization: Bearer TOKEN'")
+    serve.add_argument("--protect-reads", action="store_true",
+                       help="with --admin-token-file: /config.json, /deployments and /metrics need the token too "
+                            "(the status page then takes it from its URL: /#token=TOKEN)")
 
     deployments = sub.add_parser("deployments", help="list deployments (from the running broker, else its ledger), "
                                                      "retry a failed one, or reset a lost or damaged ledger",
@@ -87,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "list reads the ledger instead when --state-dir is given "
                                                            "or no broker answers")
     deployments.add_argument("--json", action="store_true", help="print JSON")
+    add_admin_token_arguments(deployments)
     deployments.set_defaults(action="list", target=None)
     actions = deployments.add_subparsers(dest="action", metavar="{list,retry,reset}")
     # Options given after the subcommand: SUPPRESS keeps them from erasing the
@@ -102,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(listing, argparse.SUPPRESS)
     listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     listing.add_argument("--url", default=argparse.SUPPRESS, help="the running broker to ask")
+    add_admin_token_arguments(listing, argparse.SUPPRESS)
     retry_parser = actions.add_parser(
         "retry", help="re-arm the failed step of a deployment",
         description="Re-arm the failed step of a deployment: on the running broker at --url if one answers "
@@ -111,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry_parser.add_argument("--url", default=argparse.SUPPRESS, help="the running broker to ask first (default "
                                                           "http://127.0.0.1:$EXOCOM_PORT, else $PORT, else 4100)")
     config_args(retry_parser, argparse.SUPPRESS)
+    add_admin_token_arguments(retry_parser, argparse.SUPPRESS)
     reset_parser = actions.add_parser(
         "reset", help="start over: move the ledger aside (the broker must be stopped)",
         description="Move the ledger, its -wal/-shm files and ledger.created aside as NAME.reset-TIMESTAMP, so "
@@ -126,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "timestamped line per change otherwise; Ctrl-C ends it")
     status.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between looks with --watch "
                                                                                  "(default 2)")
+    add_admin_token_arguments(status)
 
     # Rollouts (contract 7.4): `exocom rollout ROLE@VERSION [ACTION]`, `exocom rollback ROLE@VERSION`.
     from .rollout import add_arguments as rollout_arguments
@@ -158,6 +174,10 @@ def _command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args, os.environ)
+    problem = use_admin_token(args, os.environ)
+    if problem:
+        print(f"exocom {args.command}: {problem}", file=sys.stderr)
+        return 2
     if args.command == "status" and args.watch:
         if args.json:
             print("exocom status: --watch prints text for people; for JSON, run `exocom status --json` "
@@ -185,6 +205,22 @@ def fail(message: str, code: int = 2, **fields) -> int:
     return code
 
 
+def _open_roles_error(open_roles: list[str]) -> str:
+    return (f"--require-auth: role{'s' * (len(open_roles) > 1)} {', '.join(open_roles)} "
+            f"{'have' if len(open_roles) > 1 else 'has'} no credential: give each one tokenFile, tokenEnv or "
+            "tokenSha256 in the routing file")
+
+
+def _closed_roles_only(load):
+    """--require-auth holds on reload too: a file that opens a role is refused like a file with errors."""
+    def checked():
+        config, warnings = load()
+        if config.open_roles:
+            raise ConfigError(_open_roles_error(config.open_roles))
+        return config, warnings
+    return checked
+
+
 def serve(args, environ) -> int:
     configure(args.log_format, args.log_level)
     log = get_logger()
@@ -201,6 +237,18 @@ def serve(args, environ) -> int:
         tls = _tls(args)
     except TLSError as e:
         return fail(str(e))
+    open_roles = config.open_roles
+    if args.require_auth and open_roles:
+        return fail(_open_roles_error(open_roles), open_roles=open_roles)
+    admin_token_sha256 = None
+    if args.admin_token_file:
+        try:
+            admin_token_sha256 = credentials.digest(credentials.read_token_file(Path(args.admin_token_file),
+                                                                               "--admin-token-file"))
+        except ConfigError as e:
+            return fail(str(e))
+    elif args.protect_reads:
+        return fail("--protect-reads needs --admin-token-file (the token the reads are then protected with)")
     state_dir = args.state_dir or default_state_dir(environ)
     try:
         lock = StateDirLock.acquire(state_dir, "exocom serve")
@@ -221,8 +269,12 @@ def serve(args, environ) -> int:
     broker = Broker(config, ledger_records=records, step_timeout=args.step_timeout,
                     log_deliveries=args.log_level == "debug", max_messages_per_second=args.max_messages_per_second,
                     drain_period=args.drain_period, now=time.time())
+    reload = reloader(args.config, environ)
+    if args.require_auth and reload.load is not None:
+        reload = dataclasses.replace(reload, load=_closed_roles_only(reload.load))
     server = Server(broker, ledger, Limits(args.max_frame_bytes, args.max_outbox_bytes), grace_period=args.grace_period,
-                    reloader=reloader(args.config, environ), tls=tls)
+                    reloader=reload, tls=tls, admin_token_sha256=admin_token_sha256,
+                    protect_reads=args.protect_reads)
 
     listen_error: list[OSError] = []
 
@@ -231,7 +283,8 @@ def serve(args, environ) -> int:
             def announce() -> None:
                 lock.announce_address(f"{args.host}:{server.port}")
                 log.info("broker listening", host=args.host, port=server.port, config_source=config.source,
-                         roles=sorted(config.roles), deployments=[str(d) for _, d, _ in config.deployments()],
+                         roles=sorted(config.roles), open_roles=open_roles,
+                         deployments=[str(d) for _, d, _ in config.deployments()],
                          state_dir=str(Path(state_dir).resolve()), ledger_records=len(records), version=__version__,
                          tls="off" if tls is None else "client certificates required" if tls.client_certificates else "on")
 
@@ -417,7 +470,8 @@ def _load_config(command: str, args, environ):
 
 def retry(args, environ, url: str) -> int:
     role, _, version = args.target.partition("@")
-    request = urllib.request.Request(f"{url}/deployments/{args.target}/retry", method="POST", data=b"")
+    request = urllib.request.Request(f"{url}/deployments/{args.target}/retry", method="POST", data=b"",
+                                     headers=admin_headers())
     # A proxy from the environment must not stand between us and a local broker
     # (a refused proxy would look like "no broker running").
     host = urllib.parse.urlsplit(url).hostname

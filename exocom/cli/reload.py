@@ -15,7 +15,7 @@ import urllib.parse
 import urllib.request
 
 from ..core.config import ConfigError
-from .status import TIMEOUT, _is_loopback, default_url, normalize_url
+from .status import TIMEOUT, _is_loopback, _refusal, add_admin_token_arguments, admin_headers, default_url, normalize_url
 
 RELOADED, REFUSED, UNREACHABLE = 0, 1, 2
 
@@ -24,6 +24,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--url", default=None, help="the running broker (default http://127.0.0.1:$EXOCOM_PORT, "
                                                     "else $PORT, else 4100)")
     parser.add_argument("--json", action="store_true", help="print the broker's answer as JSON")
+    add_admin_token_arguments(parser)
 
 
 def reload_command(url: str | None, as_json: bool, environ) -> int:
@@ -33,7 +34,7 @@ def reload_command(url: str | None, as_json: bool, environ) -> int:
         print(f"exocom reload: {e}; or pass --url", file=sys.stderr)
         return UNREACHABLE
     handlers = [urllib.request.ProxyHandler({})] if _is_loopback(urllib.parse.urlsplit(url).hostname) else []
-    request = urllib.request.Request(f"{url}/reload", method="POST", data=b"")
+    request = urllib.request.Request(f"{url}/reload", method="POST", data=b"", headers=admin_headers())
     try:
         # Reading and checking the file takes a worker thread on the broker; allow for a slow disk.
         with urllib.request.build_opener(*handlers).open(request, timeout=TIMEOUT * 4) as response:
@@ -48,6 +49,9 @@ def reload_command(url: str | None, as_json: bool, environ) -> int:
         answer = json.loads(body)
     except ValueError:
         answer = None
+    if status in (401, 403):
+        print(f"exocom reload: {_refusal(url, '/reload', status)}; nothing reloaded", file=sys.stderr)
+        return REFUSED
     if not isinstance(answer, dict) or "reloaded" not in answer:
         print(f"exocom reload: {url}/reload answered HTTP {status}, not like an exocom broker", file=sys.stderr)
         return UNREACHABLE

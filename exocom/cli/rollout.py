@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from .status import (UNREACHABLE, Unreachable, broker_url, duration, fetch, next_step, percent, post, ramp_progress,
+from .status import (UNREACHABLE, add_admin_token_arguments, Unreachable, broker_url, duration, fetch, next_step, percent, post, ramp_progress,
                      table, unreachable_advice)
 
 ACTIONS = ("status", "pause", "resume", "promote", "abort")
@@ -54,6 +54,7 @@ def add_arguments(sub, target_type) -> None:
         parser.add_argument("--url", default=None, help="the running broker (default http://127.0.0.1:$EXOCOM_PORT, "
                                                         "else $PORT, else 4100)")
         parser.add_argument("--json", action="store_true", help="print JSON")
+        add_admin_token_arguments(parser)
         parser.set_defaults(operate=command)
 
 

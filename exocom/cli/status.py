@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from .settings import resolve_port  # the same port rules as `exocom serve`
@@ -69,12 +70,55 @@ def _unreachable(url: str, e: OSError | ValueError) -> Unreachable:
     return Unreachable(f"no broker answers at {url} ({e})")  # timeouts, resets, malformed URLs
 
 
+# The operator token (`exocom serve --admin-token-file`) every request to the broker carries; set once per
+# command from --admin-token, --admin-token-file or $EXOCOM_ADMIN_TOKEN (`use_admin_token`).
+_admin_token: str | None = None
+
+
+def add_admin_token_arguments(parser, default=None) -> None:
+    parser.add_argument("--admin-token", metavar="TOKEN", default=default,
+                        help="the broker's operator token (visible to other users in the process list: prefer "
+                             "--admin-token-file or $EXOCOM_ADMIN_TOKEN)")
+    parser.add_argument("--admin-token-file", metavar="FILE", default=default,
+                        help="a file holding the operator token (default: $EXOCOM_ADMIN_TOKEN)")
+
+
+def use_admin_token(args, environ) -> str | None:
+    """Take the operator token from the command's arguments or the environment; the error, if the file cannot be read."""
+    global _admin_token
+    token = getattr(args, "admin_token", None)
+    path = getattr(args, "admin_token_file", None)
+    if not token and path:
+        try:
+            token = Path(path).expanduser().read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            return f"cannot read --admin-token-file {path!r} ({getattr(e, 'strerror', None) or e.__class__.__name__})"
+        if not token:
+            return f"--admin-token-file {path!r} is empty"
+    _admin_token = token or environ.get("EXOCOM_ADMIN_TOKEN") or None
+    return None
+
+
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {_admin_token}"} if _admin_token else {}
+
+
+def _refusal(url: str, path: str, code: int) -> str:
+    if _admin_token is None:
+        return (f"{url}{path} needs the broker's operator token (HTTP {code}): pass --admin-token-file FILE or set "
+                "EXOCOM_ADMIN_TOKEN")
+    return f"{url}{path} refused the operator token (HTTP {code}): is it the one in the broker's --admin-token-file?"
+
+
 def fetch(url: str, path: str) -> Any:
     """GET url+path as JSON; Unreachable with a readable reason otherwise."""
     try:
-        with _opener(url).open(url + path, timeout=TIMEOUT) as response:
+        with _opener(url).open(urllib.request.Request(url + path, headers=admin_headers()),
+                               timeout=TIMEOUT) as response:
             body = response.read()
     except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise Unreachable(_refusal(url, path, e.code)) from None
         raise Unreachable(f"{url}{path} answered HTTP {e.code}: it does not look like an exocom broker") from None
     except (OSError, ValueError) as e:
         raise _unreachable(url, e) from None
@@ -87,7 +131,7 @@ def fetch(url: str, path: str) -> Any:
 def post(url: str, path: str) -> tuple[int, dict[str, Any]]:
     """POST to an operator endpoint: (HTTP status, JSON body), also for the
     broker's 4xx answers, whose `error` says why; Unreachable otherwise."""
-    request = urllib.request.Request(url + path, method="POST", data=b"")
+    request = urllib.request.Request(url + path, method="POST", data=b"", headers=admin_headers())
     try:
         with _opener(url).open(request, timeout=TIMEOUT) as response:
             status, body = response.status, response.read()

@@ -60,7 +60,11 @@ CLOSE_ALREADY_REGISTERED = 4003
 CLOSE_BAD_REGISTRATION = 4004
 # The role was removed from the configuration by a reload: reconnecting would be refused with 4001.
 CLOSE_ROLE_REMOVED = 4005
+# The role needs a token (tokenFile/tokenEnv/tokenSha256) and none or a wrong one came.
+CLOSE_UNAUTHORIZED = 4006
 # The role is not among those the connection's TLS client certificate names (URI SAN exocom:role:NAME).
 CLOSE_NOT_IN_CERTIFICATE = 4007
+# Too many unauthorized registrations from this host lately: refused without looking (registration.Throttle).
+CLOSE_THROTTLED = 4008
 CLOSE_TOO_LARGE = 1009
 CLOSE_GOING_AWAY = 1001

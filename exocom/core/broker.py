@@ -87,9 +87,11 @@ class Broker:
 
     # ------------------------------------------------------------------ events
 
-    def connected(self, conn: int, peer: str, now: float = 0.0, *, cert_roles: frozenset[str] | None = None) -> list:
-        """`cert_roles`: the roles the connection's client certificate names (None: no client certificates)."""
-        self.registrations.connected(conn, peer, now, cert_roles=cert_roles)
+    def connected(self, conn: int, peer: str, now: float = 0.0, *, bearer: str | None = None,
+                  cert_roles: frozenset[str] | None = None) -> list:
+        """`bearer`: the token of the upgrade request's `Authorization: Bearer`, if any; `cert_roles`: the
+        roles the connection's client certificate names (None: no client certificates)."""
+        self.registrations.connected(conn, peer, now, bearer=bearer, cert_roles=cert_roles)
         return []
 
     def disconnected(self, conn: int, now: float, unsent: list[bytes] = ()) -> list:

@@ -18,7 +18,10 @@ from typing import Any
 from .versions import InvalidRequirement, InvalidVersion, Requirement, Version
 
 # The keys `exocom/check.py` knows; this parser ignores others, as the Go broker did.
-ROLE_KEYS = {"receives", "sends", "translations", "deploys", "stepTimeout", "versions", "rollout"}
+ROLE_KEYS = {"receives", "sends", "translations", "deploys", "stepTimeout", "versions", "rollout",
+             "tokenFile", "tokenEnv", "tokenSha256"}
+# How a role names its credential (one of them); the shell turns a reference into a digest.
+CREDENTIAL_KEYS = ("tokenFile", "tokenEnv", "tokenSha256")
 ROLLOUT_KEYS = {"steps", "interval", "gates"}
 GATE_KEYS = {"minSamples", "errorMessages", "maxErrorRate", "maxReplyTimeRatio", "maxDisconnects"}
 PROFILE_KEYS = {"receives", "sends", "translations"}
@@ -82,6 +85,23 @@ class Rollout:
 
 
 @dataclass(frozen=True)
+class Credential:
+    """A role's token, as the routing file names it (`key` one of CREDENTIAL_KEYS).
+
+    `sha256` is the digest registrations are checked against: given by
+    `tokenSha256`, or filled in by the shell from the file or variable
+    (`server.credentials.resolve`); None until then, which refuses every
+    registration of the role (never open by mistake)."""
+
+    key: str
+    reference: str
+    sha256: bytes | None = None
+
+    def __repr__(self) -> str:  # the digest stays out of tracebacks and logs too
+        return f"Credential({self.key}={self.reference if self.key != 'tokenSha256' else '...'})"
+
+
+@dataclass(frozen=True)
 class RoleConfig:
     name: str
     profile: Profile
@@ -89,12 +109,18 @@ class RoleConfig:
     deploys: Deploys | None = None
     step_timeout: float | None = None
     rollout: Rollout | None = None
+    credential: Credential | None = None
 
 
 @dataclass(frozen=True)
 class Config:
     roles: dict[str, RoleConfig]
     source: str
+
+    @property
+    def open_roles(self) -> list[str]:
+        """The roles anyone who reaches the port may register as."""
+        return sorted(name for name, role in self.roles.items() if role.credential is None)
 
     @property
     def has_security(self) -> bool:
@@ -116,6 +142,8 @@ class Config:
                 entry["stepTimeout"] = role.step_timeout
             if role.rollout is not None:
                 entry["rollout"] = role.rollout.to_json()
+            if role.credential is not None:
+                entry["credential"] = role.credential.key  # how, never the token nor its digest
             out[name] = entry
         return out
 
@@ -207,7 +235,8 @@ def parse_service_data(data: Any, source: str) -> Config:
         rollout = parse_rollout(name, entry["rollout"]) if entry.get("rollout") is not None else None
         if rollout is not None and deploys is None:
             raise ConfigError(f"role {name!r}: key 'rollout' needs 'deploys' (it ramps the version this role deploys)")
-        roles[name] = RoleConfig(name, profile, tuple(version_profiles), deploys, step_timeout, rollout)
+        roles[name] = RoleConfig(name, profile, tuple(version_profiles), deploys, step_timeout, rollout,
+                                 parse_credential(name, entry))
     for role in roles.values():
         if role.deploys:
             if role.deploys.role not in roles:
@@ -219,6 +248,27 @@ def parse_service_data(data: Any, source: str) -> Config:
         if targets.count(t) > 1:
             raise ConfigError(f"{source}: more than one role deploys {t}; each version has one deployment script")
     return Config(roles, source)
+
+
+def parse_credential(role: str, entry: dict[str, Any]) -> Credential | None:
+    """The one credential key of a role entry, checked; the token itself is never in the message."""
+    given = [k for k in CREDENTIAL_KEYS if entry.get(k) is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ConfigError(f"role {role!r}: give one of {', '.join(CREDENTIAL_KEYS)}, not "
+                          f"{' and '.join(map(repr, given))}")
+    key = given[0]
+    value = entry[key]
+    if key == "tokenSha256":
+        if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)):
+            raise ConfigError(f"role {role!r}: key 'tokenSha256' must be the SHA-256 of the token as 64 hex digits "
+                              "(`printf %s TOKEN | sha256sum`)")
+        return Credential(key, "", bytes.fromhex(value))
+    if not isinstance(value, str) or not value:
+        what = "a file path" if key == "tokenFile" else "an environment variable name"
+        raise ConfigError(f"role {role!r}: key {key!r} must be {what}, got {value!r}")
+    return Credential(key, value)
 
 
 def _number(value: Any) -> bool:

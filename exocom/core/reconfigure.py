@@ -66,7 +66,8 @@ def reconfigure(broker: Broker, config: Config, now: float) -> list:
     states = {(p.role, p.version): p.state for pools in broker.registry.pools.values() for p in pools}
 
     broker.config = config
-    broker.table = broker.router.table = broker.registrations.table = table = RoutingTable(config)
+    broker.table = broker.router.table = table = RoutingTable(config)
+    broker.registrations.reconfigured(table)
     removed_roles: dict[str, list[str]] = {}
     for instance in list(broker.registry.by_conn.values()):
         routes = table.roles.get(instance.role)

@@ -28,6 +28,7 @@ class Stats:
         self.undeliverable: dict[str, int] = defaultdict(int)
         self.deliveries: dict[tuple[str, str], int] = defaultdict(int)
         self.registrations_refused: dict[int, int] = defaultdict(int)
+        self.http_unauthorized: dict[int, int] = defaultdict(int)  # operator requests refused, by HTTP status
         self.slow_consumers = 0
         self.outbox_dropped_frames = 0
         self.frames_rerouted = 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import ssl
 import urllib.parse
 import uuid
@@ -115,11 +116,15 @@ class Relay:
 
     def __init__(self, url: str, role: str, version: str | None = None, *,
                  min_backoff: float = 0.05, max_backoff: float = 5.0, close_timeout: float = 2.0,
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None, token: str | None = None):
         self.url = url
         # For wss:// URLs: whom to trust and, when the broker asks for one, the client certificate
         # (`tls_context`); None: the system's CAs, no client certificate.
         self.ssl_context = ssl_context
+        # The role's token (its `tokenFile`/`tokenEnv`/`tokenSha256` in the routing file), sent as
+        # `Authorization: Bearer` on the upgrade, never in a frame; default: $EXOCOM_TOKEN.
+        token = token if token is not None else os.environ.get("EXOCOM_TOKEN") or None
+        self._headers = [(b"authorization", b"Bearer " + token.encode())] if token else None
         self.role = role
         self.version = version
         self.min_backoff = min_backoff
@@ -344,6 +349,7 @@ class Relay:
                     if self.url.startswith("wss://"):
                         await _check_tls(self.url, self.ssl_context)
                     async with open_websocket_url(self.url, self.ssl_context, message_queue_size=64,
+                                                  extra_headers=self._headers,
                                                   disconnect_timeout=self.close_timeout) as ws:
                         close = await self._session(ws)
                 except ConnectionClosed as e:
@@ -552,7 +558,8 @@ async def open_relay(url: str, role: str, version: str | None = None, *, connect
     Waits (retrying with backoff) until the broker accepts the registration,
     or raises `RequestTimeout` after `connect_timeout` seconds (default: wait
     as long as it takes); raises `RegistrationRefused` if the broker refuses
-    it. If the broker refuses a later
+    it (4006: a missing or wrong `token=`, default $EXOCOM_TOKEN; 4008: too
+    many of those from this host lately). If the broker refuses a later
     registration (after it restarted with another configuration), the block is
     cancelled and `RegistrationRefused` raised. Leaving the block closes the
     connection cleanly, also on an exception or Ctrl-C."""

@@ -18,6 +18,8 @@ import trio
 
 from ..core.config import parse_deployment
 from ..core.ramps import ACTIONS as ROLLOUT_ACTIONS
+from ..logs import get_logger
+from . import credentials
 from .closing import discard_until_eof
 from .metrics import render as render_metrics
 from .readiness import readiness
@@ -49,6 +51,29 @@ def _operator_action(server: Server, target: str, act, done: str) -> tuple[int, 
     except ValueError as e:
         return 409, {"error": str(e)}
     return 202, {done: str(deployment)}
+
+
+# What --protect-reads puts behind the operator token. `/` (the status page) stays open: it is a static file
+# with no data, whose script sends the token from the URL fragment (`/#token=...`) with its reads.
+PROTECTED_READS = frozenset({"/config.json", "/deployments", "/metrics"})
+CHALLENGE = [(b"www-authenticate", b'Bearer realm="exocom"')]
+
+
+def guard(server: Server, method: str, path: str, bearer: str | None, peer: str) -> tuple | None:
+    """The refusal of an operator request without the operator token (--admin-token-file), else None:
+    401 without a token, 403 with a wrong one. Every POST changes state; the reads only with --protect-reads."""
+    expected = server.admin_token_sha256
+    if expected is None or not (method == "POST" or (server.protect_reads and path in PROTECTED_READS)):
+        return None
+    if bearer is not None and credentials.matches(bearer, expected):
+        return None
+    status = 401 if bearer is None else 403
+    reason = ("send the operator token as 'Authorization: Bearer TOKEN' (exocom: --admin-token, "
+              "--admin-token-file or EXOCOM_ADMIN_TOKEN)" if bearer is None else "wrong operator token")
+    server.broker.stats.http_unauthorized[status] += 1
+    get_logger().warning("operator request refused", method=method, path=path, peer=peer, status=status,
+                         reason=reason)
+    return status, {"error": reason}, CHALLENGE
 
 
 async def answer(server: Server, method: str, path: str) -> tuple[int, Any]:

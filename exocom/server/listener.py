@@ -99,11 +99,24 @@ class Peer:
             self.push(close_frame(code, reason))
 
 
+def bearer_token(headers) -> str | None:
+    """The token of an `Authorization: Bearer TOKEN` header (h11 gives names lowercased), else None."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer":
+                return token.strip().decode("latin-1")
+    return None
+
+
 class Server:
     def __init__(self, broker: Broker, ledger: Ledger | None, limits: Limits | None = None, *,
                  grace_period: float = 5.0, handle_signals: bool = True, reloader: Reloader | None = None,
-                 tls: TLS | None = None):
+                 tls: TLS | None = None, admin_token_sha256: bytes | None = None, protect_reads: bool = False):
         self.broker = broker
+        # The operator token's digest (--admin-token-file): every POST needs it, and the reads with protect_reads.
+        self.admin_token_sha256 = admin_token_sha256
+        self.protect_reads = protect_reads
         self.ledger = ledger
         self.limits = limits or Limits()
         self.grace_period = grace_period
@@ -446,6 +459,11 @@ class Server:
             return
         # HEAD (health checkers use it) answers as GET, without the body.
         method = b"GET" if request.method == b"HEAD" else request.method
+        refusal = endpoints.guard(self, method.decode("latin-1"), path, bearer_token(request.headers), address)
+        if refusal is not None:
+            status, body, challenge = refusal
+            await respond(stream, http, status, body, with_body=request.method != b"HEAD", headers=challenge)
+            return
         status, body = await endpoints.answer(self, method.decode("latin-1"), path)
         await respond(stream, http, status, body, with_body=request.method != b"HEAD")
 
@@ -475,7 +493,8 @@ class Server:
         conn_id = next(self._ids)
         peer = Peer(conn_id, address, stream)
         self.peers[conn_id] = peer
-        self.execute(self.broker.connected(conn_id, address, time.time(), cert_roles=cert_roles))
+        self.execute(self.broker.connected(conn_id, address, time.time(), bearer=bearer_token(request.headers),
+                                           cert_roles=cert_roles))
         try:
             async with trio.open_nursery() as nursery:
                 peer.cancel_scope = nursery.cancel_scope

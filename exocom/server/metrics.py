@@ -44,6 +44,9 @@ def render(broker: Broker, outbox_bytes: int, connections_open: int) -> str:
            [(_labels(role=r, version=v), n) for (r, v), n in sorted(stats.deliveries.items())])
     metric("exocom_registrations_refused_total", "counter", "Registrations refused, by close code.",
            [(_labels(code=str(c)), n) for c, n in sorted(stats.registrations_refused.items())])
+    metric("exocom_http_unauthorized_total", "counter", "Operator requests refused for lack of the operator token, "
+           "by HTTP status (401: none, 403: wrong).",
+           [(_labels(status=str(c)), n) for c, n in sorted(stats.http_unauthorized.items())])
     connections: dict[tuple[str, str], int] = defaultdict(int)
     for instance in broker.registry.by_conn.values():
         connections[instance.metric_key] += 1
