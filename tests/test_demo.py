@@ -3,6 +3,7 @@ example services as processes of their own and tells what happens."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from processes import ROOT, wait_for
 
@@ -65,7 +67,16 @@ def test_the_demo_walks_through_all_three_parts_and_stops_everything():
     result = subprocess.run([*DEMO, "--pause", "0.5"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     out = lines(result.stdout)
+    check_parts_one_and_two(out)
+    check_part_three(out[index(out, "=== Part 3"):])
 
+    assert out[-1].startswith("Done:") and "everything stopped" in out
+    workdir = workdir_of(result.stdout)
+    assert not Path(workdir).exists()
+    assert processes_using(workdir) == []
+
+
+def check_parts_one_and_two(out: list[str]) -> None:
     # Part 1: todo-search 0.0.1 is held, its deployment runs, then search finds the old todos.
     held = index(out, "todo-search@0.0.1 registered: held")
     no_answer = index(out, "web.py search milk  ->  no answer")
@@ -106,13 +117,6 @@ def test_the_demo_walks_through_all_three_parts_and_stops_everything():
     by, todos_v1 = answer(out, "web.py list --pin 1")
     assert by == "todos@1.0.0" and "created_at" not in todos_v1[0]
     assert answer(out, 'web.py add "book the dentist"')[0] == "todos@2.0.0"
-
-    check_part_three(out[index(out, "=== Part 3"):])
-
-    assert out[-1].startswith("Done:") and "everything stopped" in out
-    workdir = workdir_of(result.stdout)
-    assert not Path(workdir).exists()
-    assert processes_using(workdir) == []
 
 
 CHART_LINE = re.compile(r"\s+todo-search@(\S+)\s+(\w+)\s+share\s+([\d.]+)% \|([#.]{20})\|"
@@ -227,7 +231,50 @@ def check_stopped(workdir: str, returncode: int, rest: str) -> None:
     assert [e["event"] for e in events].index("broker stopping") > max(services)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("trustme") is None, reason="--secure needs trustme (pip install trustme)")
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="checks leftover processes through /proc")
+def test_the_secure_demo_runs_every_part_with_tokens_and_tls():
+    before = {p.name: p.read_bytes() for p in (ROOT / "config").glob("*.yml")}
+    result = subprocess.run([*DEMO, "--secure", "--keep", "--pause", "0.5"], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    workdir = Path(workdir_of(result.stdout))
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        out = lines(result.stdout)
+        assert out[1].startswith("Auth and TLS are on (--secure): the broker runs with --require-auth")
+        assert re.fullmatch(r"broker listening on wss://127\.0\.0\.1:\d+/services", out[index(out, "broker listening")])
+        check_parts_one_and_two(out)
+        check_part_three(out[index(out, "=== Part 3"):])
+        assert "everything stopped" in out and out[-2].startswith("Done:")
+
+        events = [json.loads(line) for line in (workdir / "broker.log").read_text().splitlines()
+                  if line.startswith("{")]
+        listening = [e for e in events if e["event"] == "broker listening"]
+        assert len(listening) == 3  # one per part
+        assert all(e["tls"] == "client certificates required" and e["open_roles"] == [] for e in listening)
+        assert [Path(e["config_source"]).parent for e in listening] == [workdir / "secure"] * 3
+        # Every role has a tokenSha256 in the copies; config/ is unchanged.
+        copies = [yaml.safe_load(p.read_text())
+                  for p in (workdir / "secure").glob("*.yml")]
+        assert len(copies) == 3 and all("tokenSha256" in entry for c in copies for entry in c.values())
+        assert {p.name: p.read_bytes() for p in (ROOT / "config").glob("*.yml")} == before
+        # Nothing was refused on the way: every service and the demo's https calls had their credentials.
+        assert not [e for e in events if e["event"] in (
+            "registration refused", "tls handshake failed", "operator request refused")]
+        assert processes_using(str(workdir)) == []
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def test_the_demo_says_where_it_looked_for_the_examples(tmp_path):
     result = subprocess.run([*DEMO, "--root", str(tmp_path)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "needs the examples of a source checkout" in result.stderr and str(tmp_path) in result.stderr
+
+
+def test_secure_without_trustme_says_how_to_install_it():
+    code = ("import sys; sys.modules['trustme'] = None; from exocom.cli.demo import run; "
+            "sys.exit(run(['--secure']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert result.returncode == 2 and "pip install trustme" in result.stderr
+    assert "work directory" not in result.stdout

@@ -26,6 +26,8 @@ terminal chart shows, about once a second, each version's share (from GET
 /config.json) and the answers it actually gave (the broker's log); the
 figures that decided each step and the abort are printed.
 
+With --secure, all of it runs with auth and TLS on (see `secure_setup`).
+
 Everything is stopped at the end, also on Ctrl-C. It needs a source checkout
 (the examples are not part of the installed package): it looks next to the
 package, then in the current directory, or where `--root` says.
@@ -34,11 +36,14 @@ package, then in the current directory, or where `--root` says.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -50,9 +55,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import trio
+import yaml
 
 from ..core.versions import Version
-from ..relay import RelayError, RequestTimeout, open_relay
+from ..relay import RelayError, RequestTimeout, client_context, open_relay
 from .settings import port_argument  # the same port rules as `exocom serve`
 
 TODOS = ("buy milk", "walk the dog", "water the plants")
@@ -63,6 +69,83 @@ SEARCHES_PER_SECOND = 50  # part 3's steady traffic: 10 % of it gives a ramp's f
 SEARCH_TIMEOUT = 5.0
 CHART_PERIOD = 1.0  # seconds between two frames of part 3's chart
 BAR = 20  # characters of a 100 % bar
+
+
+CONFIGS = ("todo-app.yml", "todo-app-v2.yml", "todo-app-v3.yml")
+
+
+class Secure:
+    """--secure: what `secure_setup` made in the work directory."""
+
+    def __init__(self, dir: Path, configs: dict[str, Path], tokens: dict[str, str],
+                 certs: dict[str, tuple[str, str]], admin_token: str):
+        self.dir, self.configs, self.tokens, self.certs, self.admin_token = dir, configs, tokens, certs, admin_token
+        self.ca = str(dir / "ca.pem")
+
+    def broker_args(self) -> list[str]:
+        return ["--tls-cert", str(self.dir / "server.pem"), "--tls-key", str(self.dir / "server-key.pem"),
+                "--tls-client-ca", self.ca, "--require-auth", "--admin-token-file", str(self.dir / "admin-token"),
+                "--protect-reads"]
+
+    def env(self, role: str) -> dict[str, str]:
+        """What the example services read: EXOCOM_TOKEN and EXOCOM_TLS_* (exocom/relay/tls.py)."""
+        cert, key = self.certs[role]
+        return {"EXOCOM_TOKEN": self.tokens[role], "EXOCOM_TLS_CA": self.ca,
+                "EXOCOM_TLS_CLIENT_CERT": cert, "EXOCOM_TLS_CLIENT_KEY": key}
+
+    def context(self, role: str) -> ssl.SSLContext:
+        return client_context(self.ca, *self.certs[role])
+
+
+def secure_setup(root: Path, workdir: Path) -> Secure:
+    """A CA, a server certificate for 127.0.0.1, per role a random token and a
+    client certificate with the URI SAN exocom:role:ROLE, an operator token,
+    and copies of config/*.yml with a tokenSha256 on every role -- all in
+    `workdir`/secure (config/ is never changed). Needs trustme (the [test] extra)."""
+    import datetime
+    import trustme
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    dir = workdir / "secure"
+    dir.mkdir()
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(dir / "ca.pem"))
+    server = ca.issue_cert("127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(str(dir / "server.pem"))
+    server.private_key_pem.write_to_path(str(dir / "server-key.pem"))
+    admin_token = secrets.token_urlsafe(24)
+    (dir / "admin-token").write_text(admin_token + "\n")
+    routes = {name: yaml.safe_load((root / "config" / name).read_text()) for name in CONFIGS}
+    roles = sorted({role for data in routes.values() for role in data})
+    tokens = {role: secrets.token_urlsafe(24) for role in roles}
+    configs = {}
+    for name, data in routes.items():
+        secured = {role: {**(entry or {}), "tokenSha256": hashlib.sha256(tokens[role].encode()).hexdigest()}
+                   for role, entry in data.items()}
+        configs[name] = dir / name
+        configs[name].write_text(yaml.safe_dump(secured, sort_keys=False))
+    # trustme issues no URI SANs: the role certificates are made with cryptography (a dependency of trustme).
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certs = {}
+    # Per role its certificate; "operator" (no role) for the demo's own https calls: --tls-client-ca wants one of all.
+    for role in [*roles, "operator"]:
+        sans = [x509.UniformResourceIdentifier(f"exocom:role:{role}")] if role in tokens else [x509.DNSName("operator")]
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, role)]))
+                .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        certs[role] = (str(dir / f"{role}.pem"), str(dir / f"{role}-key.pem"))
+        Path(certs[role][0]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        Path(certs[role][1]).write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return Secure(dir, configs, tokens, certs, admin_token)
 
 
 class DemoError(Exception):
@@ -183,8 +266,9 @@ class Searches:
     Each search is a new activity, so the broker places every one by the
     shares of the moment."""
 
-    def __init__(self, url: str, rate: float = SEARCHES_PER_SECOND, concurrency: int = 5):
+    def __init__(self, url: str, rate: float = SEARCHES_PER_SECOND, concurrency: int = 5, **relay_options):
         self.url = url
+        self.relay_options = relay_options  # --secure: ssl_context and token
         self.rate = rate
         self.concurrency = concurrency
         self.lock = threading.Lock()
@@ -220,7 +304,7 @@ class Searches:
             self.online.set()
 
     async def _search(self) -> None:
-        async with open_relay(self.url, "web", connect_timeout=WAIT) as relay:
+        async with open_relay(self.url, "web", connect_timeout=WAIT, **self.relay_options) as relay:
             self.online.set()
             async with trio.open_nursery() as nursery:
                 for _ in range(self.concurrency):
@@ -244,12 +328,13 @@ class Searches:
 
 
 class Demo:
-    def __init__(self, root: Path, workdir: Path, port: int, pause: float):
+    def __init__(self, root: Path, workdir: Path, port: int, pause: float, secure: Secure | None = None):
         self.root = root
         self.examples = root / "examples" / "todo_app"
         self.workdir = workdir
         self.port = port
-        self.url = f"ws://127.0.0.1:{port}/services"
+        self.secure = secure
+        self.url = f"{'wss' if secure else 'ws'}://127.0.0.1:{port}/services"
         self.pause = pause
         self.log = BrokerLog(workdir / "broker.log")
         self.broker: subprocess.Popen | None = None
@@ -261,8 +346,13 @@ class Demo:
         package_root = str(Path(__file__).resolve().parents[2])
         self.env = {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else ""),
                     "PYTHONUNBUFFERED": "1"}
-        for key in ("SERVICE_DATA", "EXOCOM_URL"):
+        for key in ("SERVICE_DATA", "EXOCOM_URL", "EXOCOM_TOKEN", "EXOCOM_TLS_CA", "EXOCOM_TLS_CLIENT_CERT",
+                    "EXOCOM_TLS_CLIENT_KEY"):
             self.env.pop(key, None)
+
+    def env_for(self, role: str) -> dict[str, str]:
+        """The environment of a process that connects as `role`: with --secure, its token and certificate."""
+        return {**self.env, **self.secure.env(role)} if self.secure else self.env
 
     # ------------------------------------------------------------- printing
 
@@ -293,6 +383,9 @@ class Demo:
         command = [sys.executable, "-m", "exocom", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                    "--state-dir", str(self.workdir / "state"), "--config", str(config),
                    "--log-format", "json", "--log-level", "debug", "--grace-period", "3"]
+        if self.secure:  # the copy of the routing file with a tokenSha256 per role
+            command[command.index(str(config))] = str(self.secure.configs[config.name])
+            command += self.secure.broker_args()
         self.broker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        env=self.env, cwd=self.workdir, start_new_session=True)
         threading.Thread(target=self.log.follow, args=(self.broker.stdout,), daemon=True).start()
@@ -323,11 +416,12 @@ class Demo:
                 broker.kill()
                 broker.wait()
 
-    def start(self, name: str, script: str, *args: str) -> None:
+    def start(self, name: str, script: str, *args: str, role: str | None = None) -> None:
         with open(self.workdir / f"{name}.log", "a") as out:
             self.services[name] = subprocess.Popen(
                 [sys.executable, str(self.examples / script), "--url", self.url, *args],
-                stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir, start_new_session=True)
+                stdout=out, stderr=subprocess.STDOUT, env=self.env_for(role or name), cwd=self.workdir,
+                start_new_session=True)
 
     def restart_broker(self, part: str, config: str, *services: tuple[str, str]) -> None:
         """Restart the broker with the routing of `part` and wait until `services` (role, version) are back."""
@@ -370,7 +464,7 @@ class Demo:
         since = self.log.mark()
         result = subprocess.run([sys.executable, str(self.examples / "web.py"), "--url", self.url,
                                  "--timeout", str(timeout), *args], capture_output=True, text=True,
-                                env=self.env, cwd=self.workdir, timeout=timeout + 60)
+                                env=self.env_for("web"), cwd=self.workdir, timeout=timeout + 60)
         name = {"add": "todos.create", "list": "todos.list", "search": "todo-search.query"}[args[0]]
         if result.returncode != 0:
             return False, (result.stderr.strip().splitlines() or ["no output"])[-1], ""
@@ -508,7 +602,7 @@ class Demo:
         self.restart_broker("part 2", "todo-app-v2.yml", ("todos", "1.0.0"), ("todo-search", "0.0.1"))
 
         since = self.log.mark()
-        self.start("todos-v2", "todos_v2.py", "--db", str(self.workdir / "todos-v2.sqlite3"))
+        self.start("todos-v2", "todos_v2.py", "--db", str(self.workdir / "todos-v2.sqlite3"), role="todos")
         event = self.registered("todos", since, "2.0.0")
         self.say(f"todos@2.0.0 registered: {event['state']} (new schema: title, done flag, created_at; empty)")
         answered, payload, by = self.show_web("list")
@@ -524,7 +618,7 @@ class Demo:
                 probe.append(subprocess.Popen(
                     [sys.executable, str(self.examples / "web.py"), "--url", self.url, "add",
                      ADDED_DURING_MIGRATION], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                    env=self.env, cwd=self.workdir))
+                    env=self.env_for("web"), cwd=self.workdir))
                 self.detail(f'(meanwhile: web.py add "{ADDED_DURING_MIGRATION}")')
 
         self.start("todos-v2-deployment", "todos_v2_deployment.py", "--batch-size", "1", "--pause", str(self.pause))
@@ -559,7 +653,9 @@ class Demo:
     def part_three(self) -> None:
         self.heading("Part 3: roll todo-search out gradually, under steady traffic (config/todo-app-v3.yml)")
         self.restart_broker("part 3", "todo-app-v3.yml", ("todos", "1.0.0"), ("todo-search", "0.0.1"))
-        self.searches = Searches(self.url)
+        secure = self.secure
+        self.searches = Searches(self.url, **({"ssl_context": secure.context("web"), "token": secure.tokens["web"]}
+                                              if secure else {}))
         self.searches.start()
         self.say(f"web searches todo-search {SEARCHES_PER_SECOND} times a second from now on "
                  f"(a thread of this demo, through the Python relay)")
@@ -611,7 +707,7 @@ class Demo:
         script = f"todo-search-{version}-deployment"
         since = self.log.mark()
         self.start(f"todo-search-{version}", "todo_search.py", "--version", version,
-                   "--db", str(self.workdir / f"todo-search-{version}.sqlite3"), *service_args)
+                   "--db", str(self.workdir / f"todo-search-{version}.sqlite3"), *service_args, role="todo-search")
         event = self.registered("todo-search", since, version)
         self.say(f"{target} registered{' (its searches fail)' if service_args else ''}: {event['state']} "
                  f"(its deployment declares a rollout)")
@@ -678,7 +774,13 @@ class Demo:
         return next(d for d in self.get("/deployments")["deployments"] if (d["role"], d["version"]) == (role, version))
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+        if not self.secure:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+                return json.load(response)
+        # --secure: https, the demo's CA, and the operator token (the broker's --admin-token-file, --protect-reads).
+        request = urllib.request.Request(f"https://127.0.0.1:{self.port}{path}",
+                                         headers={"Authorization": f"Bearer {self.secure.admin_token}"})
+        with urllib.request.urlopen(request, timeout=5, context=self.secure.context("operator")) as response:
             return json.load(response)
 
     def finish(self) -> None:
@@ -702,6 +804,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-v2", action="store_true", help="skip part 2 (todos 2.0.0)")
     parser.add_argument("--skip-rollout", action="store_true",
                         help="skip part 3 (gradual rollouts of todo-search 0.0.2 and 0.0.3)")
+    parser.add_argument("--secure", action="store_true",
+                        help="auth and TLS on: a random token per role (--require-auth), wss:// and https:// with a "
+                             "CA and certificates the demo makes (client certificates per role), an operator token "
+                             "for the demo's own HTTP calls (needs trustme: pip install trustme)")
     parser.add_argument("--pause", type=float, default=0.4,
                         help="seconds the todos 2.0.0 migration waits after each todo it copies, so that the "
                              "demo can send traffic while it runs (default 0.4)")
@@ -713,9 +819,23 @@ def main(args) -> int:
     except DemoError as e:
         print(f"exocom demo: {e}", file=sys.stderr)
         return 2
+    if args.secure:
+        try:
+            import trustme  # noqa: F401
+        except ImportError:
+            print("exocom demo: --secure makes its certificates with trustme: pip install trustme", file=sys.stderr)
+            return 2
     workdir = Path(tempfile.mkdtemp(prefix="exocom-demo-"))
-    demo = Demo(root, workdir, args.port or free_port(), args.pause)
+    secure = secure_setup(root, workdir) if args.secure else None
+    demo = Demo(root, workdir, args.port or free_port(), args.pause, secure)
     print(f"exocom demo: the todo app of the tutorial, with real processes (work directory {workdir})")
+    if secure:
+        print(f"Auth and TLS are on (--secure): the broker runs with --require-auth, and every role of the routing "
+              f"files has a random token (copies in {secure.dir} with a tokenSha256 per role; config/ is unchanged); "
+              f"it serves wss:// and https:// with a certificate for 127.0.0.1 of a CA the demo made, and "
+              f"--tls-client-ca: each service shows a client certificate with the URI SAN exocom:role:NAME and its "
+              f"token (EXOCOM_TOKEN, EXOCOM_TLS_*); the demo reads /config.json and /deployments over https with a "
+              f"client certificate and an operator token (--admin-token-file, --protect-reads).")
     keep = args.keep
     code = 0
     try:
