@@ -6,7 +6,6 @@ sockets, certificates made here with trustme."""
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import signal
 import socket
@@ -19,10 +18,8 @@ import pytest
 import trio
 import trustme
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from exocom.cli.certificates import role_certificate
 from exocom.cli.probe import probe
 from exocom.core.actions import CLOSE_NOT_IN_CERTIFICATE
 from exocom.relay import RegistrationRefused, client_context, open_relay
@@ -36,22 +33,7 @@ from tests.processes import BrokerProcess, run_web, start_example, wait_for
 
 
 def role_cert(ca: trustme.CA, tmp_path: Path, name: str, *roles: str) -> tuple[str, str]:
-    """A client certificate signed by `ca` with a URI SAN exocom:role:ROLE per role (trustme issues no URI SANs)."""
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
-    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    sans = [x509.UniformResourceIdentifier(f"exocom:role:{role}") for role in roles] or [x509.DNSName("client")]
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / f"{name}.pem", tmp_path / f"{name}-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(cert_path), str(key_path)
+    return role_certificate(ca, tmp_path, name, *roles)
 
 
 class TLSBroker(BrokerProcess):

@@ -102,12 +102,9 @@ def secure_setup(root: Path, workdir: Path) -> Secure:
     client certificate with the URI SAN exocom:role:ROLE, an operator token,
     and copies of config/*.yml with a tokenSha256 on every role -- all in
     `workdir`/secure (config/ is never changed). Needs trustme (the [test] extra)."""
-    import datetime
     import trustme
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+
+    from .certificates import role_certificate
 
     dir = workdir / "secure"
     dir.mkdir()
@@ -127,24 +124,8 @@ def secure_setup(root: Path, workdir: Path) -> Secure:
                    for role, entry in data.items()}
         configs[name] = dir / name
         configs[name].write_text(yaml.safe_dump(secured, sort_keys=False))
-    # trustme issues no URI SANs: the role certificates are made with cryptography (a dependency of trustme).
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
-    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certs = {}
     # Per role its certificate; "operator" (no role) for the demo's own https calls: --tls-client-ca wants one of all.
-    for role in [*roles, "operator"]:
-        sans = [x509.UniformResourceIdentifier(f"exocom:role:{role}")] if role in tokens else [x509.DNSName("operator")]
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, role)]))
-                .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        certs[role] = (str(dir / f"{role}.pem"), str(dir / f"{role}-key.pem"))
-        Path(certs[role][0]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        Path(certs[role][1]).write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    certs = {role: role_certificate(ca, dir, role, *([role] if role in tokens else [])) for role in [*roles, "operator"]}
     return Secure(dir, configs, tokens, certs, admin_token)
 
 
