@@ -42,11 +42,14 @@ def test_an_example_service_exits_0_on_sigterm_and_deregisters(tmp_path, script,
     broker = BrokerProcess(tmp_path, "--config", str(config)).start()
     log = tmp_path / f"{script}.log"
     try:
-        process = start_example(script, "--url", broker.url, *[str(tmp_path / a) if a.endswith(".sqlite3") else a
-                                                                for a in args], log=log)
+        ready = tmp_path / "registered"  # the compose stack's health check of an example service
+        process = start_example(script, "--url", broker.url, "--ready-file", str(ready),
+                                *[str(tmp_path / a) if a.endswith(".sqlite3") else a for a in args], log=log)
         try:
-            broker.wait_registered(role)
+            wait_for(ready.exists, what="the ready file")
+            assert broker.instances(role) == 1
             assert stop_with_sigterm(process) == 0, log.read_text()
+            assert not ready.exists(), "the ready file outlived the registration"
         finally:
             if process.poll() is None:
                 process.kill()

@@ -3,6 +3,7 @@
 import argparse
 import os
 import signal
+from pathlib import Path
 
 import trio
 
@@ -32,6 +33,8 @@ def parse_args(description: str, default_version: str | None = None, extra=None)
     tls_arguments(parser)
     parser.add_argument("--token", default=None,
                         help="this role's token, if the broker's routing file gives it one (default: $EXOCOM_TOKEN)")
+    parser.add_argument("--ready-file", metavar="PATH",
+                        help="create this file once registered, remove it when stopping (a container health check)")
     if extra:
         extra(parser)
     args = parser.parse_args()
@@ -40,15 +43,27 @@ def parse_args(description: str, default_version: str | None = None, extra=None)
     return args
 
 
-def serve_forever(url: str, role: str, version: str | None, setup, ssl_context=None, token: str | None = None) -> None:
-    """Connect as `role`@`version` and serve until SIGTERM (`docker stop`) or
-    SIGINT (Ctrl-C), which close the connection cleanly and exit 0.
-    `setup(relay)` registers the handlers before the relay connects."""
+def serve_forever(args, role: str, version: str | None, setup) -> None:
+    """Connect as `role`@`version` (to `args.url`, with `args.ssl_context` and
+    `args.token`) and serve until SIGTERM (`docker stop`) or SIGINT (Ctrl-C),
+    which close the connection cleanly and exit 0. `setup(relay)` registers
+    the handlers before the relay connects. While registered, the file
+    `args.ready_file` exists: a container health check that needs neither the
+    broker's port, nor its TLS, nor its operator token."""
+    ready = Path(args.ready_file) if args.ready_file else None
+
     async def main():
         async with trio.open_nursery() as nursery:
             await nursery.start(stop_on_signal, nursery.cancel_scope)
-            async with open_relay(url, role, version, setup=setup, ssl_context=ssl_context, token=token):
-                await trio.sleep_forever()
+            async with open_relay(args.url, role, version, setup=setup, ssl_context=args.ssl_context,
+                                  token=args.token):
+                if ready is not None:
+                    ready.write_text(f"{role}@{version or '0.0.0'} registered\n")
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    if ready is not None:
+                        ready.unlink(missing_ok=True)
 
     trio.run(main)
 

@@ -49,7 +49,7 @@ def main():
                                      (phrase,)).fetchall()
             await message.reply("todo-search.results", [{"id": i, "title": t} for i, t in rows])
 
-    serve_forever(args.url, "todo-search", args.version, setup, ssl_context=args.ssl_context, token=args.token)
+    serve_forever(args, "todo-search", args.version, setup)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def main():
 
     args = parse_args(__doc__, extra=options)
     script = DeploymentScript("todo-search", args.deploys, **{args.fill: fill_search_index})
-    serve_forever(args.url, args.role, args.version, script.attach, ssl_context=args.ssl_context, token=args.token)
+    serve_forever(args, args.role, args.version, script.attach)
 
 
 if __name__ == "__main__":

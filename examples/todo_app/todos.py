@@ -25,7 +25,7 @@ def main():
             rows = db.execute("SELECT id, title FROM todos ORDER BY id").fetchall()
             await message.reply("todos.listing", [{"id": i, "title": t} for i, t in rows])
 
-    serve_forever(args.url, "todos", args.version, setup, ssl_context=args.ssl_context, token=args.token)
+    serve_forever(args, "todos", args.version, setup)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def main():
             total = db.execute("SELECT count(*) FROM todos").fetchone()[0]
             await message.reply("todos.imported", {"imported": len(todos), "total": total})
 
-    serve_forever(args.url, "todos", args.version, setup, ssl_context=args.ssl_context, token=args.token)
+    serve_forever(args, "todos", args.version, setup)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def main():
     args = parse_args(__doc__, extra=options)
     migration = Migration(args.batch_size, args.pause)
     script = DeploymentScript("todos", "2.0.0", offline=migration.offline, online=migration.online)
-    serve_forever(args.url, SCRIPT_ROLE, args.version, script.attach, ssl_context=args.ssl_context, token=args.token)
+    serve_forever(args, SCRIPT_ROLE, args.version, script.attach)
 
 
 if __name__ == "__main__":
