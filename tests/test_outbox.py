@@ -14,12 +14,18 @@ LIMIT = 1000
 PAYLOAD = b"x" * 300  # 302 bytes with its frame header
 
 
-async def test_the_outbox_limit_counts_what_the_writer_is_still_sending():
+def one_peer():
+    """A server with one connection whose other end (`theirs`) never reads unless told."""
     broker = Broker(parse_service_data({"sink": {}}, "test"))
     server = Server(broker, None, Limits(max_outbox_bytes=LIMIT), handle_signals=False)
-    ours, theirs = trio.testing.lockstep_stream_pair()  # `theirs` never reads
+    ours, theirs = trio.testing.lockstep_stream_pair()
     peer = Peer(1, "test", ours)
     server.peers[1] = peer
+    return broker, server, peer, theirs
+
+
+async def test_the_outbox_limit_counts_what_the_writer_is_still_sending():
+    broker, server, peer, theirs = one_peer()
     accepted = 0
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server._writer, peer)
@@ -37,11 +43,7 @@ async def test_the_outbox_limit_counts_what_the_writer_is_still_sending():
 
 
 async def test_pings_whose_pongs_are_never_read_count_against_the_outbox():
-    broker = Broker(parse_service_data({"sink": {}}, "test"))
-    server = Server(broker, None, Limits(max_outbox_bytes=LIMIT), handle_signals=False)
-    ours, theirs = trio.testing.lockstep_stream_pair()
-    peer = Peer(1, "test", ours)
-    server.peers[1] = peer
+    broker, server, peer, theirs = one_peer()
     ping = FrameProtocol(client=True, extensions=[]).ping(b"p" * 125)  # a pong of 127 bytes
     sent = 0
     async with trio.open_nursery() as nursery:
@@ -60,11 +62,7 @@ async def test_pings_whose_pongs_are_never_read_count_against_the_outbox():
 async def test_a_backlog_rerouted_from_a_gone_instance_never_drops_the_one_that_takes_it():
     # Found in review: re-routing a dropped instance's whole outbox to its
     # sibling in one pass made the healthy sibling a slow consumer too.
-    broker = Broker(parse_service_data({"sink": {}}, "test"))
-    server = Server(broker, None, Limits(max_outbox_bytes=LIMIT), handle_signals=False)
-    ours, theirs = trio.testing.lockstep_stream_pair()
-    peer = Peer(1, "test", ours)
-    server.peers[1] = peer
+    broker, server, peer, theirs = one_peer()
     broker.stats.frames_rerouted = 4  # as the core counts them when it offers them
     server.execute([Redeliver(1, PAYLOAD) for _ in range(4)])  # the fourth does not fit in 1000 bytes
     assert not peer.closing and broker.stats.slow_consumers == 0

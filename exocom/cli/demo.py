@@ -129,6 +129,18 @@ def secure_setup(root: Path, workdir: Path) -> Secure:
     return Secure(dir, configs, tokens, certs, admin_token)
 
 
+def _stop_process(process: subprocess.Popen, sig: int, timeout: float) -> None:
+    """`sig` to a running process, then SIGKILL if it has not exited after `timeout` seconds."""
+    if process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class DemoError(Exception):
     """The demo cannot go on; the message says why."""
 
@@ -389,13 +401,7 @@ class Demo:
         if self.broker is None:
             return
         broker, self.broker = self.broker, None
-        if broker.poll() is None:
-            broker.send_signal(signal.SIGTERM)
-            try:
-                broker.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                broker.kill()
-                broker.wait()
+        _stop_process(broker, signal.SIGTERM, timeout=10)
 
     def start(self, name: str, script: str, *args: str, role: str | None = None) -> None:
         with open(self.workdir / f"{name}.log", "a") as out:
@@ -417,14 +423,8 @@ class Demo:
     def stop(self, name: str) -> None:
         """Ctrl-C (SIGINT) to a service: its relay closes the connection cleanly."""
         process = self.services.pop(name, None)
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            _stop_process(process, signal.SIGINT, timeout=5)
 
     def stop_all(self) -> None:
         if self.searches is not None:

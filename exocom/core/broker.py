@@ -33,7 +33,7 @@ from .deployments import Deployment
 from .ramps import Ramps
 from .reconfigure import reconfigure
 from .registration import REGISTER, Registrations
-from .registry import Instance, Registry
+from .registry import LIVE, RAMPING, Instance, Registry
 from .routes import RoutingTable
 from .routing import Router
 from .security import SECURITY_ANSWERS, SECURITY_ROLE, SecurityAdapter, with_implicit_routes
@@ -267,11 +267,11 @@ class Broker:
 
     def share_of(self, role: str, version: str, state: str) -> float:
         """Percent of the role's new activities that go to this version now."""
-        if state == "live":
+        if state == LIVE:
             ramping = sum(self.deployer.state_of(role, p.version)[1] for p in self.registry.pools.get(role, ())
-                          if p.state == "ramping")
+                          if p.state == RAMPING)
             return max(0.0, 100.0 - ramping)
-        if state == "ramping":
+        if state == RAMPING:
             d = self.deployer.deployment(role, version)
             return d.share if d is not None else 0.0
         return 0.0
@@ -280,7 +280,7 @@ class Broker:
         out = self.deployer.to_json()
         for row in out:
             d = self.deployer.deployment(row["role"], row["version"])
-            if row["rollout"] is not None and d.state == "ramping":
+            if row["rollout"] is not None and d.state == RAMPING:
                 row["rollout"]["figures"] = self.ramps.figures(d)
                 row["rollout"]["nextStepAt"] = (d.ramp_since + d.rollout.interval) if d.ramp_since else None
         return out

@@ -158,15 +158,17 @@ class Deployer:
                 self.fail(d, d.record(dep.STEP_FAILED_EVENT, flight.step, now,
                                       error=f"time limit of {d.step_timeout:g}s exceeded"), now, actions)
 
-    def fail(self, d: dep.Deployment, record: dict[str, Any], now: float, actions: list) -> None:
-        """Take `d`'s version out of production now, then record why."""
+    def fail(self, d: dep.Deployment, record: dict[str, Any], now: float, actions: list, *,
+             event: str = _STATE_EVENTS[FAILED], level: str = "warning", **fields) -> None:
+        """Take `d`'s version out of production now, then record why (a failed
+        step, an abort, a rollback: `event` names it in the log)."""
         was = d.state
         d.taken_out = True
         self.refresh(d.target.role, now, actions)
         if was != FAILED:
-            actions.append(Log("warning", _STATE_EVENTS[FAILED], {
+            actions.append(Log(level, event, {
                 "role": d.target.role, "version": str(d.target.version), "state": FAILED, "was": was,
-                "reason": record.get("error")}))
+                "reason": record.get("error"), **fields}))
         self.write(d, record, actions)
 
     def record_written(self, record: dict[str, Any], now: float) -> list:
@@ -231,9 +233,7 @@ class Deployer:
         if d is None:
             key = dep.key(role, version)
             if key in self.rolled_back:  # a version without a deployment, rolled back: undo that
-                return [WriteRecord({"role": role, "version": str(key[1]), "step": dep.ROLLOUT,
-                                     "event": dep.STEP_REARMED, "attempt": 0, "at": now, "error": None,
-                                     "detail": None})]
+                return [WriteRecord(dep.rollback_record(role, key[1], dep.STEP_REARMED, now))]
             raise KeyError(f"no deployment of {role}@{version} is configured")
         failed = [s.name for s in d.steps.values() if s.status == dep.STEP_FAILED]
         if not failed and d.stopped:

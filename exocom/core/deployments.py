@@ -220,6 +220,12 @@ class Deployment:
         }
 
 
+def rollback_record(role: str, version: Version, event: str, now: float, error: str | None = None) -> dict[str, Any]:
+    """A rollback (or its undoing, `rearmed`) of a version without a declared deployment."""
+    return {"role": role, "version": str(version), "step": ROLLOUT, "event": event, "attempt": 0, "at": now,
+            "error": error, "detail": None}
+
+
 def replay(deployments: dict[Key, Deployment], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fold ledger records into the deployments; return records of deployments
     no longer configured (kept in the ledger, shown to operators, not acted on)."""

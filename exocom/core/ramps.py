@@ -202,20 +202,14 @@ class Ramps:
         self.deployer.rolled_back[key] = reason
         self.refresh(role, now, actions)
         actions.append(Log("warning", "version rolled back", {"role": role, "version": str(key[1]), "reason": reason}))
-        record = {"role": role, "version": str(key[1]), "step": dep.ROLLOUT, "event": dep.ROLLED_BACK,
-                  "attempt": 0, "at": now, "error": reason, "detail": None}
-        actions.append(WriteRecord(record))
+        actions.append(WriteRecord(dep.rollback_record(role, key[1], dep.ROLLED_BACK, now, reason)))
         return actions
 
     def _stop(self, d: dep.Deployment, event: str, reason: str, figures: dict[str, Any] | None, now: float,
               actions: list, **fields) -> None:
         """Out of production now (share 0 before anything is written), then recorded."""
-        was = d.state
-        d.taken_out = True
-        self.refresh(d.target.role, now, actions)
-        name = "rollout aborted" if event == dep.ABORTED else "version rolled back"
-        actions.append(Log("error" if event == dep.ABORTED else "warning", name, {
-            "role": d.target.role, "version": str(d.target.version), "was": was, "state": FAILED,
-            "step": d.ramp_step, "reason": reason, "figures": figures, **fields}))
-        self.deployer.write(d, d.record(event, dep.ROLLOUT, now, error=reason, detail=figures), actions)
+        aborted = event == dep.ABORTED
+        self.deployer.fail(d, d.record(event, dep.ROLLOUT, now, error=reason, detail=figures), now, actions,
+                           event="rollout aborted" if aborted else "version rolled back",
+                           level="error" if aborted else "warning", step=d.ramp_step, figures=figures, **fields)
 

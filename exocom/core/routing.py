@@ -111,6 +111,8 @@ class Router:
         missed = None
         frame = self._frame(message, response_time, now)
         encoded: dict[str, bytes] = {}
+        # What places a new activity on a ramping version: the activity, else the message.
+        key = activity_id if activity is not None else message_id if message_id.__class__ is str else None
         for role in roles:
             if deploys is not None and role == deploys.role and (
                 requirement is None or requirement.matches(deploys.version)
@@ -118,11 +120,9 @@ class Router:
                 # A deployment script talks to the version it deploys, held or not;
                 # with a version requirement it may also read an older one.
                 target = self._pick_in_pool(self.registry.pool(role, deploys.version), public)
-                reason = f"{deploys} has no instance connected"
+                reason = "" if target is not None else f"{deploys} has no instance connected"
             else:
-                target, reason = self.choice.choose(
-                    role, public, activity, requirement,
-                    activity_id if activity is not None else message_id if message_id.__class__ is str else None)
+                target, reason = self.choice.choose(role, public, activity, requirement, key)
             if target is None:
                 if missed is None:
                     missed = {}
