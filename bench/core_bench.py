@@ -10,6 +10,8 @@ Scenarios (the shared load generator's shapes, one sender):
   fanout4     four receiving roles with one instance each
   declared    throughput, with a rollout declared for a version that is not connected
   ramping     throughput, with the receivers' new version ramping at 50 % (two of the four instances)
+  rpc         request/reply: each request (fresh activity) is answered with `responseTo` by one of two
+              receivers; the figure is per message (a request and its reply are two)
 """
 
 import sys
@@ -31,6 +33,8 @@ SCENARIOS = {
                 [f"r{i}" for i in range(4)]),
     "declared": ({"sender": {"sends": ["ping"]}, "receiver": {"receives": ["ping"]},
                   "deploy": {"deploys": "receiver@9.9.9", "rollout": ROLLOUT}}, ["receiver"] * 4),
+    "rpc": ({"sender": {"sends": ["ping"], "receives": ["pong"]}, "receiver": {"receives": ["ping"], "sends": ["pong"]}},
+            ["receiver"] * 2),
     "ramping": ({"sender": {"sends": ["ping"]}, "receiver": {"receives": ["ping"]},
                  "deploy": {"deploys": "receiver@2.0.0", "rollout": ROLLOUT}}, ["receiver"] * 4),
 }
@@ -62,6 +66,8 @@ def main(n: int, scenario: str) -> None:
     frames = [orjson.dumps({"name": "ping", "sender": "sender", "id": f"m{i}", "activityId": f"a{i}",
                             "payload": {"n": i, "text": "x" * 60}}) for i in range(n)]
     per_message = len(set(receivers))
+    if scenario == "rpc":
+        return rpc(broker, frames)
     started = time.perf_counter()
     delivered = 0
     for i, data in enumerate(frames):
@@ -69,6 +75,20 @@ def main(n: int, scenario: str) -> None:
     elapsed = time.perf_counter() - started
     assert delivered == n * per_message, delivered
     print(f"{scenario}: {n} messages, {elapsed / n * 1e6:.2f} us per message in the core")
+
+
+def rpc(broker: Broker, requests: list[bytes]) -> None:
+    n = len(requests)
+    started = time.perf_counter()
+    for i, data in enumerate(requests):
+        now = 1.0 + i * 1e-6
+        (deliver,) = broker.frame_received(1, data, now)
+        # The receiver answers at once, as exoload's rpc scenario does.
+        (reply,) = broker.frame_received(deliver.conn, b'{"name":"pong","sender":"receiver","id":"r%d","activityId":"a%d",'
+                                         b'"responseTo":"m%d","payload":{"ok":true}}' % (i, i, i), now)
+        assert reply.conn == 1
+    elapsed = time.perf_counter() - started
+    print(f"rpc: {n} round trips, {elapsed / (2 * n) * 1e6:.2f} us per message in the core")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,15 @@ timers and outboxes, and carries out the actions the core returns.
 Each TCP connection is parsed with h11; `GET /services` with a WebSocket
 upgrade is handed to wsproto, everything else is a small HTTP endpoint. Each
 WebSocket connection has a reader task that feeds frames to the core and a
-writer task that drains the connection's outbox, several frames per system
-call when a receiver falls behind. Outboxes are bounded in bytes: a receiver
-that does not read is disconnected ("slow consumer") instead of delaying
-anybody else.
+writer task that drains the connection's outbox when the socket cannot take
+it at once. Outboxes are bounded in bytes: a receiver that does not read is
+disconnected ("slow consumer") instead of delaying anybody else.
+
+The hot path (`Server.flush`): what the frames of one read delivered is
+written by the reader itself, without waiting for the receiver's writer task,
+in one system call per receiver. Handing each message to another task would
+cost two task switches per delivery (the wake-up, and the checkpoint after
+its send), which is most of a request/reply round trip's time.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import signal
 import socket
 import time
@@ -68,16 +74,20 @@ class Limits:
 class Peer:
     """One WebSocket connection: its stream and outbox."""
 
-    __slots__ = ("id", "address", "stream", "outbox", "outbox_bytes", "wakeup", "closing", "close_sent",
-                 "cancel_scope", "congested", "unsent")
+    __slots__ = ("id", "address", "stream", "socket", "outbox", "outbox_bytes", "wakeup", "sending", "closing",
+                 "close_sent", "cancel_scope", "congested", "unsent")
 
     def __init__(self, conn_id: int, address: str, stream: trio.abc.Stream):
         self.id = conn_id
         self.address = address
         self.stream = stream
+        # Where the reader may write at once (`Server.flush`): a plain TCP
+        # socket. A TLS stream's bytes must go through its SSL object, in order.
+        self.socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self.outbox: list[bytes] = []
         self.outbox_bytes = 0
         self.wakeup = trio.Event()
+        self.sending = False  # the writer task is in a send: nobody else may write to the socket
         self.closing = False
         self.close_sent = False
         self.cancel_scope: trio.CancelScope | None = None
@@ -124,6 +134,8 @@ class Server:
         self.log = get_logger()
         self.peers: dict[int, Peer] = {}
         self._ids = itertools.count(1)
+        # Peers whose outbox became non-empty since the last flush.
+        self._ready: list[Peer] = []
         self._ledger_send, self._ledger_receive = trio.open_memory_channel(math.inf)
         self.ledger_problem: str | None = None  # why the ledger is being written again, while it is
         self.listeners: list[trio.SocketListener] = []
@@ -140,6 +152,11 @@ class Server:
     # --------------------------------------------------------------- actions
 
     def execute(self, actions: list) -> None:
+        self.apply(actions)
+        self.flush()
+
+    def apply(self, actions: list) -> None:
+        """Carries out `actions`; deliveries are queued, and go out at the next `flush`."""
         peers = self.peers
         max_outbox = self.limits.max_outbox_bytes
         high_water = self.limits.outbox_high_water
@@ -162,13 +179,13 @@ class Server:
                     continue
                 outbox = peer.outbox
                 if not outbox:
-                    peer.wakeup.set()
+                    self._ready.append(peer)
                 outbox.append(header)
                 outbox.append(data)
                 peer.outbox_bytes += size
                 if peer.outbox_bytes > high_water and not peer.congested:
                     peer.congested = True
-                    self.execute(self.broker.outbox_congested(peer.id, True))
+                    self.apply(self.broker.outbox_congested(peer.id, True))
             elif cls is Redeliver:
                 self._redeliver(action)
             elif cls is Log:
@@ -179,6 +196,41 @@ class Server:
                     peer.close(action.code, action.reason)
             elif cls is WriteRecord:
                 self._ledger_send.send_nowait(action.record)
+
+    def flush(self) -> None:
+        """Writes the outboxes that `apply` filled, each in one system call,
+        where the socket takes them at once; what it does not take, and every
+        outbox whose writer task is busy, is left to that task."""
+        ready = self._ready
+        if not ready:
+            return
+        self._ready = []
+        for peer in ready:
+            outbox = peer.outbox
+            if not outbox:
+                continue  # dropped as a slow consumer meanwhile
+            sock = peer.socket
+            # fileno() is -1 once the stream is closed: never write to a number the kernel may have reused.
+            fd = -1 if sock is None or peer.sending or peer.closing else sock.fileno()
+            if fd < 0:
+                peer.wakeup.set()
+                continue
+            data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+            try:
+                sent = write_now(fd, data)
+            except OSError:
+                sent = 0  # full (BlockingIOError) or broken: the writer finds out which and handles it
+            peer.outbox_bytes -= sent
+            if sent == len(data):
+                outbox.clear()
+            else:
+                _drop_sent(outbox, sent)
+                peer.wakeup.set()
+            if peer.congested and peer.outbox_bytes <= self.limits.outbox_low_water:
+                peer.congested = False
+                self.apply(self.broker.outbox_congested(peer.id, False))
+        if self._ready:
+            self.flush()  # deliveries re-routed by a congestion change
 
     def _redeliver(self, action: Redeliver) -> None:
         """A frame of an instance that is gone, offered to another: taken only
@@ -194,7 +246,7 @@ class Server:
             if instance is not None:
                 stats.deliveries[instance.metric_key] -= 1
             return
-        self.execute([Deliver(action.conn, data)])
+        self.apply([Deliver(action.conn, data)])
 
     def _drop_slow_consumer(self, peer: Peer) -> None:
         instance = self.broker.registry.by_conn.get(peer.id)
@@ -361,7 +413,12 @@ class Server:
                     return
                 if self.tls.client_certificates:
                     cert_roles = tls_.cert_roles(stream.getpeercert())
-            await self._handle_http(stream, address, cert_roles)
+            upgraded = await self._handle_http(stream, address)
+            if upgraded is not None:
+                # Here, not inside _handle_http: the HTTP parser and the handshake are freed for the connection's
+                # lifetime (they were a quarter of an idle connection's memory).
+                bearer, leftover = upgraded
+                await self._websocket(stream, address, bearer, leftover, cert_roles)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
             pass
         except Exception:
@@ -411,7 +468,9 @@ class Server:
             await tcp.send_eof()
             await discard_until_eof(tcp)
 
-    async def _handle_http(self, stream: trio.abc.Stream, address: str, cert_roles: frozenset[str] | None = None) -> None:
+    async def _handle_http(self, stream: trio.abc.Stream, address: str) -> tuple[str | None, bytes] | None:
+        """Answers one HTTP request; for a WebSocket upgrade it sends the 101 and returns
+        the request's bearer token and the bytes read past the request."""
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         request = None
         try:
@@ -455,8 +514,9 @@ class Server:
             if isinstance(event, h11.EndOfMessage):
                 event = http.next_event()
             leftover = http.trailing_data[0] if event is h11.PAUSED else b""
-            await self._websocket(stream, http, address, request, leftover, cert_roles)
-            return
+            if await self._upgrade(stream, http, request):
+                return bearer_token(request.headers), leftover
+            return None
         # HEAD (health checkers use it) answers as GET, without the body.
         method = b"GET" if request.method == b"HEAD" else request.method
         refusal = endpoints.guard(self, method.decode("latin-1"), path, bearer_token(request.headers), address)
@@ -469,14 +529,14 @@ class Server:
 
     # --------------------------------------------------------------- per peer
 
-    async def _websocket(self, stream: trio.abc.Stream, http: h11.Connection, address: str, request: h11.Request,
-                         leftover: bytes, cert_roles: frozenset[str] | None = None) -> None:
+    async def _upgrade(self, stream: trio.abc.Stream, http: h11.Connection, request: h11.Request) -> bool:
+        """Sends the 101 that makes the connection a WebSocket, or the refusal (then False)."""
         if request.method != b"GET":
             # wsproto's initiate_upgrade_connection takes every request for a GET.
             await respond(stream, http, HTTPStatus.METHOD_NOT_ALLOWED,
                                 {"error": f"a WebSocket upgrade must be a GET request, not {request.method.decode()}"},
                                 headers=[(b"allow", b"GET")])
-            return
+            return False
         handshake = H11Handshake(ConnectionType.SERVER)
         try:
             handshake.initiate_upgrade_connection(request.headers, request.target)
@@ -486,15 +546,18 @@ class Server:
             refusal = e.event_hint if isinstance(e.event_hint, RejectConnection) else RejectConnection()
             await respond(stream, http, refusal.status_code, {"error": f"bad WebSocket handshake: {e}"},
                                 headers=refusal.headers)
-            return
+            return False
         if self.stopping:
-            return
+            return False
         await stream.send_all(accept)
+        return True
+
+    async def _websocket(self, stream: trio.abc.Stream, address: str, bearer: str | None, leftover: bytes,
+                         cert_roles: frozenset[str] | None = None) -> None:
         conn_id = next(self._ids)
         peer = Peer(conn_id, address, stream)
         self.peers[conn_id] = peer
-        self.execute(self.broker.connected(conn_id, address, time.time(), bearer=bearer_token(request.headers),
-                                           cert_roles=cert_roles))
+        self.execute(self.broker.connected(conn_id, address, time.time(), bearer=bearer, cert_roles=cert_roles))
         try:
             async with trio.open_nursery() as nursery:
                 peer.cancel_scope = nursery.cancel_scope
@@ -527,7 +590,8 @@ class Server:
         stream = peer.stream
         frame_received = self.broker.frame_received
         stats = self.broker.stats
-        execute = self.execute
+        apply = self.apply
+        flush = self.flush
         clock = time.time
         perf_counter = time.perf_counter
         decoder = FrameDecoder(self.limits.max_frame_bytes)
@@ -543,33 +607,41 @@ class Server:
                 except ProtocolError as e:
                     frames, violation = e.frames, e
                 now = clock()
+                ended = False
                 for opcode, payload in frames:
                     if opcode == TEXT or opcode == BINARY:
                         started = perf_counter()
-                        execute(frame_received(conn, payload, now))
+                        apply(frame_received(conn, payload, now))
                         stats.observe_latency(perf_counter() - started)
                         if peer.closing:
                             # The rest of `frames` is dropped (a close frame among them is missed: the linger then
                             # lasts until the peer closes its side or the bound passes).
-                            await self._linger(peer, decoder if violation is None else None)
-                            return
+                            ended = True
+                            break
                     elif opcode == PING:
                         pong = frame(PONG, payload)
                         if peer.outbox_bytes + len(pong) > self.limits.max_outbox_bytes:
                             # Pings sent faster than their pongs are read: as any slow reader.
                             self._drop_slow_consumer(peer)
+                            flush()
                             return
                         peer.push(pong)
                     elif opcode == CLOSE:
                         code, _ = parse_close(payload)
                         # Echo the peer's close code, as RFC 6455 asks (the decoder refused codes that may not be sent).
                         peer.close(1000 if code == 1005 else code, "")
+                        flush()
                         return
+                # Everything this read delivered goes out before the next await.
+                flush()
+                if ended:
+                    await self._linger(peer, decoder if violation is None else None)
+                    return
                 if violation is not None:
                     self._protocol_error(peer, violation, decoder.max_message)
                     await self._linger(peer, None)
                     return
-            data = await receive_or_eof(stream)
+            data = await receive(peer.socket, stream)
             if not data:
                 return
 
@@ -600,6 +672,7 @@ class Server:
                 continue
             data = b"".join(peer.outbox)
             peer.outbox.clear()
+            peer.sending = True
             try:
                 await stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -607,14 +680,53 @@ class Server:
                 if peer.cancel_scope is not None:
                     peer.cancel_scope.cancel()
                 return
+            finally:
+                peer.sending = False
             peer.outbox_bytes -= len(data)
             if peer.congested and peer.outbox_bytes <= self.limits.outbox_low_water:
                 peer.congested = False
                 self.execute(self.broker.outbox_congested(peer.id, False))
 
 
+async def receive(sock: trio.socket.SocketType | None, stream: trio.abc.Stream) -> bytes:
+    """The next bytes from the peer; b"" once it closed or reset the connection.
+    On a plain socket it waits for data and then reads, instead of trying a
+    read first as trio's socket does: on request/reply traffic that read
+    nearly always fails, a wasted system call per message."""
+    if sock is None:
+        return await receive_or_eof(stream)
+    while True:
+        try:
+            await wait_readable(sock)
+            return read_now(sock.fileno(), RECEIVE_SIZE)
+        except BlockingIOError:
+            continue  # woken without data after all
+        except (OSError, trio.ClosedResourceError, trio.BrokenResourceError):
+            return b""
+
+
+wait_readable = trio.lowlevel.wait_readable
+read_now = os.read
+# The non-blocking write of `Server.flush` (a name of its own so that a test can count the calls).
+write_now = os.write
+
+
+def _drop_sent(outbox: list[bytes], sent: int) -> None:
+    """Removes the first `sent` bytes from `outbox`. The rest of a frame the
+    socket took in part stays a bytearray, so that `_messages_in` never takes
+    it for a whole message."""
+    i = 0
+    while sent and sent >= len(outbox[i]):
+        sent -= len(outbox[i])
+        i += 1
+    if sent:
+        outbox[i] = bytearray(outbox[i][sent:])
+    del outbox[:i]
+
+
 def _messages_in(outbox: list[bytes]) -> list[bytes]:
     """The messages in an outbox, without their frame headers and without
     control frames: a message is a JSON object (it starts with "{"), a frame
-    header or a control frame starts with its FIN bit set (0x8_)."""
-    return [data for data in outbox if data[:1] == b"{"]
+    header or a control frame starts with its FIN bit set (0x8_); the rest
+    of a frame that went out in part is a bytearray."""
+    return [data for data in outbox if data.__class__ is bytes and data[:1] == b"{"]

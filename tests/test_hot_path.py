@@ -1,0 +1,118 @@
+"""The structural wins of the message path, pinned by counting (never by
+timing): a later change that undoes one fails here, however fast the machine.
+
+- A request/reply round trip costs the broker two task steps: each message
+  is read, routed and written by the reader of its sender, with no hand-over
+  to the receiver's writer task (which cost two more steps per message: its
+  wake-up and the checkpoint after its send).
+- The messages of one read go to a receiver in one system call.
+- An idle connection keeps nothing of its HTTP upgrade (the parser and the
+  handshake were half of its memory).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections import Counter
+
+import h11
+import trio
+import trio.lowlevel
+from wsproto.events import TextMessage
+from wsproto.handshake import H11Handshake
+
+from exocom.server import listener
+from raw_ws import RawClient
+from wire import new_id, running_broker
+
+ROUTES = {"asker": {"sends": ["ping"], "receives": ["pong"]}, "answerer": {"receives": ["ping"], "sends": ["pong"]}}
+ROUND_TRIPS = 200
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Counts the steps of the broker's own tasks, by task name."""
+
+    def __init__(self):
+        self.steps: Counter[str] = Counter()
+
+    def before_task_step(self, task):
+        name = task.name
+        if name.startswith(("exocom.server", "trio._highlevel_serve_listeners")):
+            self.steps[name.rsplit(".", 1)[-1]] += 1
+
+
+async def registered(port: int, role: str) -> RawClient:
+    client = await RawClient.connect(port)
+    await client.send_json({"name": "exocom.register-service", "sender": role, "id": new_id()})
+    return client
+
+
+async def next_message(client: RawClient) -> dict:
+    with trio.fail_after(5):
+        while True:
+            for event in client.ws.events():
+                if isinstance(event, TextMessage):
+                    return json.loads(event.data)
+            client.ws.receive_data(await client.stream.receive_some(65536))
+
+
+async def test_a_round_trip_costs_the_broker_two_task_steps():
+    async with running_broker(ROUTES) as broker:
+        asker = await registered(broker.port, "asker")
+        answerer = await registered(broker.port, "answerer")
+        await broker.wait_registered("asker")
+        await broker.wait_registered("answerer")
+        # One round trip outside the count: the first message of a connection takes other paths (warnings, caches).
+        counter = TaskSteps()
+        for i in range(ROUND_TRIPS + 1):
+            if i == 1:
+                trio.lowlevel.add_instrument(counter)
+            activity = new_id()
+            await asker.send_json({"name": "ping", "sender": "asker", "id": new_id(), "activityId": activity})
+            request = await next_message(answerer)
+            await answerer.send_json({"name": "pong", "sender": "answerer", "id": new_id(),
+                                      "activityId": activity, "responseTo": request["id"]})
+            assert (await next_message(asker))["name"] == "pong"
+        trio.lowlevel.remove_instrument(counter)
+        steps = counter.steps
+        # The broker's ticker may step once or twice while this runs.
+        assert steps["_writer"] == 0, f"the writer tasks woke for messages the readers could write: {dict(steps)}"
+        assert sum(steps.values()) <= 2 * ROUND_TRIPS + 4, f"{dict(steps)} for {ROUND_TRIPS} round trips"
+
+
+async def test_the_messages_of_one_read_go_to_a_receiver_in_one_write(monkeypatch):
+    writes = []
+    real_write = listener.write_now
+
+    def counting_write(fd, data):
+        writes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(listener, "write_now", counting_write)
+    async with running_broker(ROUTES) as broker:
+        asker = await registered(broker.port, "asker")
+        answerer = await registered(broker.port, "answerer")
+        await broker.wait_registered("asker")
+        await broker.wait_registered("answerer")
+        writes.clear()
+        burst = b"".join(asker.ws.send(TextMessage(data=json.dumps(
+            {"name": "ping", "sender": "asker", "id": new_id(), "activityId": new_id()}))) for _ in range(32))
+        await asker.stream.send_all(burst)  # 32 messages in one TCP segment
+        received = await answerer.receive_until_quiet(quiet=0.3)
+        assert len(received) == 32
+        assert len(writes) == 1, f"32 messages of one read went out in {len(writes)} writes: {writes}"
+
+
+async def test_an_idle_connection_keeps_nothing_of_its_http_upgrade():
+    async with running_broker(ROUTES) as broker:
+        clients = [await registered(broker.port, "asker") for _ in range(3)]
+        with trio.fail_after(5):
+            while len(broker.broker.registry.by_conn) < len(clients):
+                await trio.sleep(0.01)
+        gc.collect()
+        # The clients' own parsers are client-side; the broker's are the server-side ones.
+        kept = [o for o in gc.get_objects()
+                if (isinstance(o, h11.Connection) and o.our_role is h11.SERVER)
+                or (isinstance(o, H11Handshake) and not o.client)]
+        assert kept == [], f"{len(kept)} HTTP parsers or handshakes kept for {len(clients)} idle connections"
