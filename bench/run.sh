@@ -14,7 +14,8 @@
 #
 # Environment: SHARED (default /work/shared/bench), REPS, SECONDS_WINDOW,
 # WARMUP, PORT (default 4371, must be free), BROKER_CPU, LOADGEN_CPU,
-# OUT (jsonl path), PYTHON (for floor_relay.py), SKIP_NPM=1 (reuse node_modules).
+# OUT (jsonl path), PYTHON (for floor_relay.py), SKIP_NPM=1 (reuse node_modules),
+# BEFORE (another build's exocom, measured as "before" in the same series).
 set -euo pipefail
 BENCH="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$BENCH/.." && pwd)"
@@ -54,6 +55,9 @@ export OUT="${OUT:-$BENCH/results/run-$(date +%Y%m%d-%H%M%S).jsonl}"
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac  # run_anchors.sh cd's to its own dir
 # '@' stands for a space in run_anchors.sh's broker commands.
 export BROKERS="ours=$BENCH/exocom-serve.sh floor=$PYTHON@$WORK/floor_relay.py"
+# BEFORE=/path/to/another/checkout/.venv/bin/exocom adds that build as "before", for an A/B series
+# (env execs, so the measured PID is still the broker's).
+[ -n "${BEFORE:-}" ] && BROKERS="$BROKERS before=env@EXOCOM=$BEFORE@$BENCH/exocom-serve.sh"
 [ $# -eq 0 ] && set -- throughput rpc1 rpc16 fanout4 conns2000
 
 {

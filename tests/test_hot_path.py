@@ -5,7 +5,8 @@ timing): a later change that undoes one fails here, however fast the machine.
   is read, routed and written by the reader of its sender, with no hand-over
   to the receiver's writer task (which cost two more steps per message: its
   wake-up and the checkpoint after its send).
-- The messages of one read go to a receiver in one system call.
+- The messages of one read go to a receiver in one system call, and so do
+  those that several senders' reads in one pass of trio's scheduler deliver.
 - An idle connection keeps nothing of its HTTP upgrade (the parser and the
   handshake were half of its memory).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from collections import Counter
 
 import h11
@@ -102,6 +104,27 @@ async def test_the_messages_of_one_read_go_to_a_receiver_in_one_write(monkeypatc
         received = await answerer.receive_until_quiet(quiet=0.3)
         assert len(received) == 32
         assert len(writes) == 1, f"32 messages of one read went out in {len(writes)} writes: {writes}"
+
+
+async def test_what_two_senders_deliver_in_one_scheduler_pass_goes_out_in_one_write(monkeypatch):
+    writes = []
+    real_write = listener.write_now
+    monkeypatch.setattr(listener, "write_now", lambda fd, data: writes.append(len(data)) or real_write(fd, data))
+    async with running_broker(ROUTES) as broker:
+        askers = [await registered(broker.port, "asker") for _ in range(2)]
+        answerer = await registered(broker.port, "answerer")
+        with trio.fail_after(5):
+            while len(broker.broker.registry.by_conn) < 3:
+                await trio.sleep(0.01)
+        writes.clear()
+        for asker in askers:
+            # Written without yielding to trio: both reads are ready at the broker's next wait for I/O.
+            data = asker.ws.send(TextMessage(data=json.dumps(
+                {"name": "ping", "sender": "asker", "id": new_id(), "activityId": new_id()})))
+            assert os.write(asker.stream.socket.fileno(), data) == len(data)
+        received = await answerer.receive_until_quiet(quiet=0.3)
+        assert len(received) == 2
+        assert len(writes) == 1, f"two senders' messages went out in {len(writes)} writes: {writes}"
 
 
 async def test_an_idle_connection_keeps_nothing_of_its_http_upgrade():
