@@ -1,42 +1,95 @@
 #!/usr/bin/env bash
-# bench/profile.sh -- a py-spy flame graph of a real `exocom serve` under one of
-# the shared yardstick's scenarios (bench/PROFILE.md shows the results).
+# bench/profile.sh -- profile `exocom serve` under one exoload.js scenario.
 #
-#   bench/profile.sh rpc16 bench/profiles/after-rpc16.svg          # this checkout
-#   EXOCOM=/other/checkout/.venv/bin/exocom bench/profile.sh rpc1 before-rpc1.svg
+#   bench/profile.sh                      # cProfile, throughput, 8 s window
+#   PROFILER=py-spy bench/profile.sh      # py-spy sampling (pip install py-spy into .venv)
+#   SCENARIO=rpc16 bench/profile.sh
 #
-# Needs py-spy (`.venv/bin/pip install py-spy`, not a project dependency) and
-# bench/.work/ set up by bench/run.sh (exoload.js and its node_modules).
-# The broker is pinned to CPU 0 and the load generator to CPU 1; py-spy samples
-# at 250 Hz for SECONDS (default 8). FORMAT=raw writes collapsed stacks instead.
+# The broker runs pinned to CPU 0 under the profiler, exoload.js pinned to
+# CPU 1; after the window the broker is stopped with SIGINT (graceful stop, so
+# cProfile writes its file). Prints the top functions by tottime and cumtime.
+# Needs bench/.work from bench/run.sh (the copied tools + node_modules).
 set -euo pipefail
 BENCH="$(cd "$(dirname "$0")" && pwd)"
-label=${1:?scenario: rpc1, rpc16, throughput or fanout4}
-out=$(realpath -m "${2:?output file}")
-EXOCOM="${EXOCOM:-$BENCH/../.venv/bin/exocom}"
-PYSPY="${PYSPY:-$BENCH/../.venv/bin/py-spy}"
-SECONDS_WINDOW=${SECONDS:-8}
-case $label in
-  rpc1) args="--scenario rpc -P 1 -C 1 -K 1" ;;
-  rpc16) args="--scenario rpc -P 2 -C 2 -K 16" ;;
-  throughput) args="--scenario throughput -P 4 -C 4 -W 32" ;;
-  fanout4) args="--scenario fanout -R 4 -W 32" ;;
-  *) echo "profile.sh: unknown scenario $label" >&2; exit 2 ;;
+ROOT="$(cd "$BENCH/.." && pwd)"
+WORK="$BENCH/.work"
+PY="$ROOT/.venv/bin/python"
+PROFILER="${PROFILER:-cprofile}"
+SCENARIO="${SCENARIO:-throughput}"
+WIN="${SECONDS_WINDOW:-8}"
+PORT="${PORT:-4372}"
+TOP="${TOP:-25}"
+OUTDIR="${OUTDIR:-/tmp}"
+[ -f "$WORK/node_modules/ws/package.json" ] || { echo "profile.sh: run bench/run.sh once first (npm ci in bench/.work)" >&2; exit 2; }
+declare -A ARGS=(
+  [throughput]="--scenario throughput -P 4 -C 4 -W 32"
+  [rpc1]="--scenario rpc -P 1 -C 1 -K 1"
+  [rpc16]="--scenario rpc -P 2 -C 2 -K 16"
+  [fanout4]="--scenario fanout -R 4 -W 32"
+)
+A=${ARGS[$SCENARIO]}
+if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then echo "profile.sh: port $PORT in use" >&2; exit 2; fi
+STATE="$(mktemp -d "${TMPDIR:-/tmp}/exocom-prof.XXXXXX")"
+trap 'rm -rf "$STATE"' EXIT
+SD=$(cd "$WORK" && node exoload.js --print-service-data $A)
+
+case "$PROFILER" in
+  cprofile)
+    PROF="$OUTDIR/exocom.prof"
+    PORT=$PORT SERVICE_DATA="$SD" EXOCOM_STATE_DIR="$STATE" taskset -c 0 \
+      "$PY" -m cProfile -o "$PROF" -m exocom serve >/dev/null 2>"$STATE/stderr" &
+    ;;
+  py-spy)
+    PROF="$OUTDIR/exocom.pyspy.txt"
+    # py-spy samples from outside (CPU 1, beside the load generator); --native off.
+    PORT=$PORT SERVICE_DATA="$SD" EXOCOM_STATE_DIR="$STATE" taskset -c 0 \
+      "$PY" -m exocom serve >/dev/null 2>"$STATE/stderr" &
+    ;;
+  *) echo "PROFILER is cprofile or py-spy" >&2; exit 2 ;;
 esac
-cd "$BENCH/.work"
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-state=$(mktemp -d)
-trap 'rm -rf "$state"' EXIT
-# shellcheck disable=SC2086
-PORT=$port SERVICE_DATA="$(node exoload.js --print-service-data $args)" EXOCOM_STATE_DIR=$state \
-  taskset -c 0 "$EXOCOM" serve >/dev/null 2>&1 &
-broker=$!
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
-"$PYSPY" record --rate 250 --duration $((SECONDS_WINDOW + 1)) ${FORMAT:+--format $FORMAT} -o "$out" --pid $broker >/dev/null 2>&1 &
-spy=$!
-# shellcheck disable=SC2086
-taskset -c 1 node exoload.js --url "ws://127.0.0.1:$port/services" $args --seconds "$SECONDS_WINDOW" --warmup 1 --pid $broker
-wait $spy
-kill $broker
-wait $broker 2>/dev/null || true
-echo "profile.sh: $out" >&2
+BPID=$!
+for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
+if [ "$PROFILER" = py-spy ]; then
+  taskset -c 1 "$ROOT/.venv/bin/py-spy" record --pid "$BPID" --rate 250 --format raw --output "$PROF" \
+    --duration $((WIN + 3)) >/dev/null 2>"$STATE/pyspy.err" &
+  SPY=$!
+fi
+RES=$(cd "$WORK" && taskset -c 1 node exoload.js --url "ws://127.0.0.1:$PORT/services" $A --seconds "$WIN" --warmup 2 --pid "$BPID")
+echo "exoload: $RES"
+[ "$PROFILER" = py-spy ] && wait "$SPY"
+kill -INT "$BPID"
+wait "$BPID" || true
+
+if [ "$PROFILER" = cprofile ]; then
+  "$PY" - "$PROF" "$TOP" <<'PYEOF'
+import pstats, sys
+path, top = sys.argv[1], int(sys.argv[2])
+for key in ("tottime", "cumulative"):
+    print(f"\n### top {top} by {key}\n\n```")
+    st = pstats.Stats(path)
+    st.sort_stats(key).print_stats(top)
+    print("```")
+PYEOF
+else
+  "$PY" - "$PROF" "$TOP" <<'PYEOF'
+# py-spy --format raw: "frame;frame;... count" (root first). Self and inclusive
+# sample shares per function (file:line of the function's frame is dropped).
+import re, sys
+from collections import Counter
+path, top = sys.argv[1], int(sys.argv[2])
+self_, incl, total = Counter(), Counter(), 0
+for line in open(path):
+    stack, _, n = line.rstrip().rpartition(" ")
+    n = int(n); total += n
+    frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+    self_[frames[-1]] += n
+    for f in set(frames):
+        incl[f] += n
+print(f"{total} samples")
+for title, c in (("self", self_), ("inclusive", incl)):
+    print(f"\n### top {top} by {title} samples\n\n```")
+    for f, n in c.most_common(top):
+        print(f"{100 * n / total:6.2f}%  {f}")
+    print("```")
+PYEOF
+fi
