@@ -24,6 +24,9 @@ import trio.lowlevel
 from wsproto.events import TextMessage
 from wsproto.handshake import H11Handshake
 
+from exocom.core.actions import Deliver
+from exocom.core.broker import Broker
+from exocom.core.config import parse_service_data
 from exocom.server import listener
 from raw_ws import RawClient
 from wire import new_id, running_broker
@@ -87,9 +90,9 @@ async def test_the_messages_of_one_read_go_to_a_receiver_in_one_write(monkeypatc
     writes = []
     real_write = listener.write_now
 
-    def counting_write(fd, data):
-        writes.append(len(data))
-        return real_write(fd, data)
+    def counting_write(fd, buffers):
+        writes.append(sum(map(len, buffers)))
+        return real_write(fd, buffers)
 
     monkeypatch.setattr(listener, "write_now", counting_write)
     async with running_broker(ROUTES) as broker:
@@ -109,7 +112,7 @@ async def test_the_messages_of_one_read_go_to_a_receiver_in_one_write(monkeypatc
 async def test_what_two_senders_deliver_in_one_scheduler_pass_goes_out_in_one_write(monkeypatch):
     writes = []
     real_write = listener.write_now
-    monkeypatch.setattr(listener, "write_now", lambda fd, data: writes.append(len(data)) or real_write(fd, data))
+    monkeypatch.setattr(listener, "write_now", lambda fd, buffers: writes.append(len(buffers)) or real_write(fd, buffers))
     async with running_broker(ROUTES) as broker:
         askers = [await registered(broker.port, "asker") for _ in range(2)]
         answerer = await registered(broker.port, "answerer")
@@ -139,3 +142,44 @@ async def test_an_idle_connection_keeps_nothing_of_its_http_upgrade():
                 if (isinstance(o, h11.Connection) and o.our_role is h11.SERVER)
                 or (isinstance(o, H11Handshake) and not o.client)]
         assert kept == [], f"{len(kept)} HTTP parsers or handshakes kept for {len(clients)} idle connections"
+
+
+def test_the_rest_of_a_frame_the_socket_took_in_part_is_never_taken_for_a_message():
+    header, message = b"\x81\x0b", b'{"name":"x"}'[:11]
+    outbox = [header, message, b"\x81\x0b", b'{"name":"y"}'[:11]]
+    listener._drop_sent(outbox, 2 + 5)  # the first header and 5 bytes of its message went out
+    assert outbox == [bytearray(message[5:]), b"\x81\x0b", b'{"name":"y"}'[:11]]
+    assert listener._messages_in(outbox) == [b'{"name":"y"}'[:11]]
+    listener._drop_sent(outbox, 6)
+    assert outbox == [b"\x81\x0b", b'{"name":"y"}'[:11]]
+
+
+async def test_what_a_full_socket_did_not_take_goes_out_after_it_in_order():
+    """The reader's write takes what fits; the writer task sends the rest, and
+    nothing is lost, doubled or reordered across the two."""
+    ours, theirs = trio.socket.socketpair()
+    ours.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 4096)
+    server = listener.Server(Broker(parse_service_data({"sink": {}}, "test")), None, handle_signals=False)
+    peer = listener.Peer(1, "test", trio.SocketStream(ours))
+    server.peers[1] = peer
+    messages = [json.dumps({"n": i, "pad": "x" * 300}).encode() for i in range(400)]
+    async with trio.open_nursery() as nursery:
+        peer.cancel_scope = nursery.cancel_scope
+        nursery.start_soon(server._writer, peer)
+        for batch in range(0, len(messages), 50):
+            server.execute([Deliver(1, m) for m in messages[batch:batch + 50]])
+        assert peer.outbox, "the socket took everything: the test needs a full socket"
+        received = bytearray()
+        with trio.fail_after(10):
+            while len(received) < sum(len(m) + 4 for m in messages):
+                received += await theirs.recv(65536)
+        nursery.cancel_scope.cancel()
+    got, i = [], 0  # the server's frames: unmasked, lengths under 65536
+    while i < len(received):
+        length = received[i + 1] & 0x7F
+        start = i + 2 + (2 if length == 126 else 0)
+        if length == 126:
+            length = int.from_bytes(received[i + 2:i + 4], "big")
+        got.append(bytes(received[start:start + length]))
+        i = start + length
+    assert got == messages
