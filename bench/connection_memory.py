@@ -47,6 +47,17 @@ CLIENT = textwrap.dedent("""
 """)
 
 
+# Where an allocation's file says what it is part of.
+GROUPS = [
+    ("trio/_core/_io_epoll", "trio: the reader's wait for readability (epoll waiters)"),
+    ("trio/", "trio: tasks, nursery, cancel scopes, events"),
+    ("<attrs generated methods trio", "trio: tasks, nursery, cancel scopes, events"),
+    ("exocom/server/", "exocom shell: coroutine frames of the connection's tasks, Peer"),
+    ("exocom/core/", "exocom core: the registered instance, registry and stats entries"),
+    ("exocom/", "exocom, other"),
+]
+
+
 def rss_kb() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -79,6 +90,14 @@ async def measure(n: int, traced: bool) -> None:
             total = sum(s.size_diff for s in stats)
             print(f"\n== Python heap per idle registered connection (tracemalloc, {n} connections): "
                   f"{total / n / 1024:.2f} KB")
+            groups: dict[str, int] = {}
+            for stat in stats:
+                name = stat.traceback[0].filename
+                group = next((label for part, label in GROUPS if part in name), "other (stdlib: sockets, dicts, ...)")
+                groups[group] = groups.get(group, 0) + stat.size_diff
+            for group, size in sorted(groups.items(), key=lambda item: -item[1]):
+                print(f"  {size / n:8.0f} B  {group}")
+            print("  by the line that allocated them:")
             for stat in stats[:22]:
                 if stat.size_diff / n < 16:
                     break
