@@ -16,6 +16,8 @@ go to a JSON lines file under bench/results/ (git-ignored).
     .venv/bin/python bench/memory_curve.py --modes fresh --seconds 30
     .venv/bin/python bench/memory_curve.py --plot bench/memory_curve.png   # also plot
     .venv/bin/python bench/memory_curve.py --plot-only bench/results/memory-X.jsonl --plot out.png
+    git archive REV | tar -x -C /tmp/before      # older code: the broker imports it first
+    .venv/bin/python bench/memory_curve.py --checkout /tmp/before --label "before (REV)"
 
 Needs node and `ws` in bench/.work/node_modules (bench/run.sh, or `npm ci`
 in a copy of /work/shared/bench there); --plot needs matplotlib
@@ -75,7 +77,7 @@ def cpu_s(pid: int) -> float | None:
         return None
 
 
-def machine() -> dict:
+def machine(args) -> dict:
     model = ""
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -91,7 +93,8 @@ def machine() -> dict:
         commit, dirty = "", False
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "nproc": os.cpu_count(),
             "cpu": model, "python": platform.python_version(), "commit": commit + ("+dirty" if dirty else ""),
-            "load": os.getloadavg()}
+            "load": os.getloadavg(), "checkout": str(args.checkout) if args.checkout else None,
+            "label": args.label}
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -113,6 +116,8 @@ def run_mode(args, mode: str, out) -> dict:
     state = tempfile.mkdtemp(prefix="exocom-memory.")
     env = {**os.environ, "PORT": str(port), "SERVICE_DATA": json.dumps(SERVICE_DATA), "EXOCOM_STATE_DIR": state}
     env.pop("EXOCOM_PORT", None)
+    if args.checkout:
+        env["PYTHONPATH"] = str(args.checkout)  # before the editable install's path
     if args.tracemalloc:
         env["PYTHONTRACEMALLOC"] = str(args.tracemalloc)
     broker = subprocess.Popen(["taskset", "-c", str(args.broker_cpu), str(exocom), "serve", "--host", "127.0.0.1"],
@@ -180,7 +185,7 @@ def run_mode(args, mode: str, out) -> dict:
             "broker_cpu_pct": round((cpu1 - cpu0) * 100 / args.seconds, 1),
             "loadgen_cpu_pct": round(latest.get("loadgen_cpu_s", 0) * 100 / args.seconds, 1),
             "load_closes": latest.get("closes"), "load_errors": latest.get("errors"),
-            **machine(),
+            **machine(args),
         }
         out.write(json.dumps(summary) + "\n")
         out.flush()
@@ -202,40 +207,43 @@ def run_mode(args, mode: str, out) -> dict:
 
 
 def plot(jsonl: list[Path], png: Path) -> None:
+    """One panel per file (e.g. before and after a change), one curve per mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves: dict[str, list] = {}
-    summaries: dict[str, dict] = {}
-    for path in jsonl:
+    fig, axes = plt.subplots(1, len(jsonl), figsize=(7 * len(jsonl), 5), sharey=True, squeeze=False)
+    for ax, path in zip(axes[0], jsonl):
+        curves: dict[str, list] = {}
+        summaries: dict[str, dict] = {}
         for line in path.read_text().splitlines():
             row = json.loads(line)
             if row["kind"] == "sample":
                 curves.setdefault(row["mode"], []).append(row)
             else:
                 summaries[row["mode"]] = row
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for mode, rows in curves.items():
-        s = summaries.get(mode, {})
-        label = mode if not s else f"{mode}: {s['rss_ref_kb'] / 1024:.0f} MB at {s['rss_ref_t']} s, " \
-                                   f"{s['rss_end_kb'] / 1024:.0f} MB at {s['seconds']} s (x{s['ratio']:.3f})"
-        ax.plot([r["t"] for r in rows], [r["rss_kb"] / 1024 for r in rows], label=label)
-        if s:
-            ax.axhline(s["rss_ref_kb"] * LIMIT / 1024, ls=":", lw=0.8, color=ax.lines[-1].get_color())
-    ax.axvline(60, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("seconds of load")
-    ax.set_ylabel("broker RSS (MB)")
-    ax.set_ylim(bottom=0)
-    any_s = next(iter(summaries.values()), {})
-    ax.set_title(f"exocom serve RSS, throughput load (4 -> 4, window 32)\n"
-                 f"commit {any_s.get('commit', '?')}, {any_s.get('date', '')[:16]}, dotted: 1.10 x RSS at 60 s",
-                 fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
+        for mode, rows in curves.items():
+            s = summaries.get(mode)
+            label = mode if not s else (f"{mode}: {s['rss_ref_kb'] / 1024:.0f} MB at {s['rss_ref_t']} s, "
+                                        f"{s['rss_end_kb'] / 1024:.0f} at {s['seconds']} s, "
+                                        f"max after {s['rss_ref_t']} s x{s['max_ratio']:.2f}")
+            line, = ax.plot([r["t"] for r in rows], [r["rss_kb"] / 1024 for r in rows], lw=1, label=label)
+            if s:
+                ax.axhline(s["rss_ref_kb"] * LIMIT / 1024, ls=":", lw=0.8, color=line.get_color())
+        ax.axvline(60, color="grey", lw=0.8, ls="--")
+        any_s = next(iter(summaries.values()), {})
+        ax.set_title(f"{any_s.get('label') or 'commit ' + any_s.get('commit', '?')}, "
+                     f"{any_s.get('date', '')[:16].replace('T', ' ')} UTC", fontsize=10)
+        ax.set_xlabel("seconds of load")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("broker RSS (MB)")
+    fig.suptitle("exocom serve RSS under the throughput load (4 senders -> 4 receivers, <= 32 unacknowledged each); "
+                 "dotted: 1.10 x RSS at 60 s", fontsize=10)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    fig.savefig(png, dpi=90)
     print(f"plot: {png}")
 
 
@@ -252,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="JSON lines (default bench/results/memory-STAMP.jsonl)")
     p.add_argument("--plot", type=Path, help="write a PNG of the curves here")
     p.add_argument("--plot-only", type=Path, nargs="+", metavar="JSONL", help="plot these files, run nothing")
+    p.add_argument("--checkout", type=Path, help="run the broker on the exocom package in this directory")
+    p.add_argument("--label", help="what the code is, for the JSON lines and the plot")
     p.add_argument("--tracemalloc", type=int, default=0, help="PYTHONTRACEMALLOC for the broker (frames)")
     args = p.parse_args(argv)
     if args.plot_only:
@@ -264,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no ws in {args.node_modules}: run bench/run.sh once, or npm ci there")
     out_path = args.out or BENCH / "results" / f"memory-{datetime.now().strftime('%Y%m%d-%H%M%S')}.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    m = machine()
+    m = machine(args)
     print(f"# {m['date']} nproc={m['nproc']} {m['cpu']}, Python {m['python']}, commit {m['commit']}, "
-          f"load {m['load'][0]:.2f}; {args.seconds} s per mode; samples -> {out_path}", flush=True)
+          f"load {m['load'][0]:.2f}; code {args.checkout or ROOT}; {args.seconds} s per mode; samples -> {out_path}", flush=True)
     with out_path.open("a") as out:
         summaries = [run_mode(args, mode, out) for mode in modes]
     print("\n== summary (limit: RSS at the end <= 1.10 x RSS at 60 s)")
