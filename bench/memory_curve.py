@@ -236,7 +236,9 @@ def plot(jsonl: list[Path], png: Path) -> None:
         ax.set_title(f"{any_s.get('label') or 'commit ' + any_s.get('commit', '?')}, "
                      f"{any_s.get('date', '')[:16].replace('T', ' ')} UTC", fontsize=10)
         ax.set_xlabel("seconds of load")
-        ax.set_ylim(bottom=0)
+        top = max([r["rss_kb"] for rows in curves.values() for r in rows]
+                  + [s["rss_ref_kb"] * LIMIT for s in summaries.values()])
+        ax.set_ylim(0, top / 1024 * 1.05)
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("broker RSS (MB)")
