@@ -18,9 +18,9 @@ A generation that filled up starts the next period (at the next tick): the
 clock never cuts a young generation short after a rotation by size. Under a
 load that fills generations faster than `ttl`, the number of entries held
 therefore stays between `max_entries` and twice that, and the broker's RSS
-stays flat; if the clock also rotated every `ttl` seconds, the young
-generation would be dropped half full once a minute and RSS would dip by
-tens of MB (bench/memory_curve.py, bench/RESULTS.md "Memory over a long run").
+stays flat. If the clock also rotated every `ttl` seconds, it would drop a
+partly filled young generation once a minute, and RSS would dip by 10-15 MB
+(bench/memory_curve.py, bench/RESULTS.md "Memory over a long run").
 """
 
 from __future__ import annotations
