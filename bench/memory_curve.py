@@ -157,6 +157,8 @@ def run_mode(args, mode: str, out) -> dict:
             rss = rss_kb(broker.pid)
             if rss is None or broker.poll() is not None:
                 raise RuntimeError(f"the broker exited during the run ({broker.poll()})")
+            if load.poll() is not None and k < args.seconds - 1:
+                raise RuntimeError(f"the load generator exited during the run ({load.returncode})")
             delivered = latest.get("delivered", 0)
             sample = {"kind": "sample", "mode": mode, "t": k, "rss_kb": rss, "delivered": delivered,
                       "sent": latest.get("sent", 0)}
