@@ -19,8 +19,8 @@ the load generator sees (p50/p99) and the broker's RSS.
 
 Grid: instances 100 / 1,000 / 10,000 at R = 10, and roles 10 / 100 / 1,000 at
 N = 1,000 (so that every role has an instance at R = 1,000); the point
-N = 1,000, R = 10 is on both axes. Each repetition of the grid (about two
-minutes) takes the shared benchmark lock
+N = 1,000, R = 10 is on both axes. The whole series (about two minutes per
+repetition) holds the shared benchmark lock
 (/tmp/exocom-bench.lock, flock(2), the lock `flock(1)` takes) so that runs of
 different people on this machine never overlap. Raw results: one JSON line
 per run in bench/results/growth-<stamp>.jsonl (git-ignored).
@@ -87,12 +87,44 @@ def bench_lock(path: str | None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# Loaded by the broker through PYTHONPATH (bench only, the broker's code is unchanged): every garbage
+# collection as [wall time, generation, seconds, objects collected], written to $GROWTH_GC_LOG at exit.
+GC_HOOK = """
+import atexit, gc, json, os, time
+_log, _started = [], [0.0]
+def _hook(phase, info):
+    if phase == "start":
+        _started[0] = time.perf_counter()
+    else:
+        _log.append([time.time(), info["generation"], time.perf_counter() - _started[0], info["collected"]])
+gc.callbacks.append(_hook)
+atexit.register(lambda: json.dump(_log, open(os.environ["GROWTH_GC_LOG"], "w")))
+"""
+
+
+def gc_in_window(path: Path, window: list[float]) -> dict:
+    """Collections per generation within the load generator's window: count and milliseconds in total and at most."""
+    out = {}
+    with contextlib.suppress(OSError, ValueError):
+        for t, generation, seconds, _ in json.loads(path.read_text()):
+            if window[0] <= t <= window[1]:
+                g = out.setdefault(f"gen{generation}", {"count": 0, "ms": 0.0, "max_ms": 0.0})
+                g["count"] += 1
+                g["ms"] = round(g["ms"] + seconds * 1e3, 3)
+                g["max_ms"] = round(max(g["max_ms"], seconds * 1e3), 3)
+    return out
+
+
 def start_broker(config: Path, state_dir: Path, broker_cpu: str) -> tuple[subprocess.Popen, int]:
     """`exocom serve --port 0` pinned to `broker_cpu`; the port it got, from its 'broker listening' log line."""
+    hook = state_dir.parent / "gc_hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(GC_HOOK)
+    env = {**os.environ, "PYTHONPATH": str(hook), "GROWTH_GC_LOG": str(state_dir.parent / "gc.json")}
     proc = subprocess.Popen(
         ["taskset", "-c", broker_cpu, str(EXOCOM), "serve", "--config", str(config), "--state-dir", str(state_dir),
          "--host", "127.0.0.1", "--port", "0", "--log-format", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, preexec_fn=raise_fd_limit, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, preexec_fn=raise_fd_limit, text=True, env=env)
     deadline = time.monotonic() + 30
     for line in proc.stdout:
         with contextlib.suppress(ValueError):
@@ -112,6 +144,23 @@ def start_broker(config: Path, state_dir: Path, broker_cpu: str) -> tuple[subpro
     return proc, port
 
 
+def attach(pid: int, n: int, r: int, args) -> list[subprocess.Popen]:
+    """Profilers that watch the broker for the warm-up and the window, once the load has started."""
+    seconds = str(int(args.warmup + args.seconds))
+    out = []
+    if args.profile:
+        out.append(subprocess.Popen(
+            [str(ROOT / ".venv" / "bin" / "py-spy"), "record", "--native", "--rate", "250", "--duration", seconds, "--output",
+             args.profile.replace("{N}", str(n)).replace("{R}", str(r)), "--pid", str(pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    if args.strace:
+        out.append(subprocess.Popen(
+            ["timeout", "-s", "INT", seconds, "strace", "-c", "-f", "-o",
+             args.strace.replace("{N}", str(n)).replace("{R}", str(r)), "-p", str(pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return out
+
+
 def run_point(n: int, r: int, args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="exocom-growth."))
     try:
@@ -124,17 +173,20 @@ def run_point(n: int, r: int, args) -> dict:
                    "--users", str(args.users), "--rate", str(args.rate), "--seconds", str(args.seconds),
                    "--warmup", str(args.warmup), "--pid", str(broker.pid)]
             env = {**os.environ, "NODE_PATH": str(NODE_MODULES)}
-            if args.profile:
-                # py-spy samples the broker over the load's whole life (connect, warm-up, window).
-                spy = subprocess.Popen([str(ROOT / ".venv" / "bin" / "py-spy"), "record", "-r", "250", "-o",
-                                        args.profile.replace("{N}", str(n)).replace("{R}", str(r)),
-                                        "--pid", str(broker.pid)], stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
-            done = subprocess.run(cmd, env=env, preexec_fn=raise_fd_limit, capture_output=True, text=True,
-                                  timeout=600)
-            if args.profile:
-                spy.send_signal(2)
-                spy.wait(timeout=60)
+            load = subprocess.Popen(cmd, env=env, preexec_fn=raise_fd_limit, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            stderr = []
+            for line in load.stderr:  # connecting; then the load starts
+                stderr.append(line)
+                if line.startswith("# load started"):
+                    attached = attach(broker.pid, n, r, args)
+                    break
+            else:
+                attached = []
+            stdout, rest = load.communicate(timeout=600)
+            stderr.append(rest)
+            for proc in attached:
+                proc.wait(timeout=60)
         finally:
             broker.terminate()
             try:
@@ -143,10 +195,11 @@ def run_point(n: int, r: int, args) -> dict:
                 broker.kill()
                 broker.wait()
             broker.drain.wait()
-        if done.returncode != 0 or not done.stdout.strip():
-            return {"instances": n, "roles": r, "failed": True, "stderr": done.stderr[-2000:]}
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if load.returncode != 0 or not stdout.strip():
+            return {"instances": n, "roles": r, "failed": True, "stderr": "".join(stderr)[-2000:]}
+        result = json.loads(stdout.strip().splitlines()[-1])
         result["roles"] = r
+        result["gc"] = gc_in_window(work / "gc.json", result["window_wall"])
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -270,8 +323,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--broker-cpu", default="0")
     parser.add_argument("--loadgen-cpu", default="1")
-    parser.add_argument("--lock", default="/tmp/exocom-bench.lock", help="flock(2)ed around every repetition of the grid; '' for none")
-    parser.add_argument("--profile", help="py-spy record every run into this SVG path ({N} and {R} are replaced)")
+    parser.add_argument("--lock", default="/tmp/exocom-bench.lock", help="flock(2)ed around the whole series; '' for none")
+    parser.add_argument("--profile", help="py-spy record the broker under load (warm-up and window) into this SVG "
+                                          "({N} and {R} are replaced); the figures of such a run are not comparable")
+    parser.add_argument("--strace", help="count the broker's system calls under load (strace -c) into this file "
+                                         "({N} and {R} are replaced); the figures of such a run are not comparable")
     parser.add_argument("--out", help="JSON lines (default bench/results/growth-<stamp>.jsonl)")
     parser.add_argument("--table", nargs="*", help="only summarize these JSONL files (no runs)")
     parser.add_argument("--plot", help="write a PNG plot of the summary here")
@@ -304,8 +360,8 @@ def main() -> None:
     with out.open("a") as f:
         f.write(json.dumps({"machine": meta}) + "\n")
     print(f"# {meta}", file=sys.stderr)
-    for rep in range(1, args.reps + 1):
-        with bench_lock(args.lock):  # one repetition of the grid at a time (about 2 minutes)
+    with bench_lock(args.lock):
+        for rep in range(1, args.reps + 1):
             for n, r in points:
                 run_and_record(n, r, rep, args, out)
     print(f"# raw: {out}", file=sys.stderr)

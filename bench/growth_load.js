@@ -174,14 +174,17 @@ async function main() {
     setTimeout(pump, 1);
   };
   pump();
+  log('# load started'); // bench/growth.py attaches its profilers now
   await sleep(a.warmup * 1000);
   const cpu0 = a.pid ? procCpuS(a.pid) : null;
   const w0 = nowS();
+  const wallStart = Date.now() / 1000;
   const lg0 = process.cpuUsage();
   measuring = true;
   await sleep(a.seconds * 1000);
   measuring = false;
   const windowS = nowS() - w0;
+  const wallEnd = Date.now() / 1000;
   const cpu1 = a.pid ? procCpuS(a.pid) : null;
   const lgCpu = process.cpuUsage(lg0);
   running = false;
@@ -192,7 +195,7 @@ async function main() {
   const out = {
     instances: a.instances, idle_roles: a.idleRoles, users: a.users, rate: a.rate,
     connect_s: +connectS.toFixed(3), register_confirm_s: +registerS.toFixed(3),
-    window_s: +windowS.toFixed(3), sent_in_window: sentInWindow, replies: counted,
+    window_s: +windowS.toFixed(3), window_wall: [wallStart, wallEnd], sent_in_window: sentInWindow, replies: counted,
     req_per_s: Math.round(counted / windowS),
     p50_us: r(percentile(lat, 50)), p90_us: r(percentile(lat, 90)), p99_us: r(percentile(lat, 99)),
     p999_us: r(percentile(lat, 99.9)), max_us: r(lat[lat.length - 1]),
