@@ -244,7 +244,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             return (statistics.median(values), min(values), max(values)) if values else (None, None, None)
         out.append({"instances": n, "roles": r, "reps": len(runs), "cpu": stat("broker_cpu_us_per_delivery"),
                     "p50": stat("p50_us"), "p99": stat("p99_us"), "rss": stat("broker_rss_kb"),
-                    "rss_idle": stat("broker_rss_idle_kb"), "req": stat("req_per_s"),
+                    "rss_idle": stat("broker_rss_idle_kb"), "req": stat("req_per_s"), "load1": stat("load1"),
                     "lost": sum(run.get("lost", 0) for run in runs)})
     return out
 
@@ -256,12 +256,13 @@ def table(summary: list[dict]) -> str:
             return "–"
         f = f"{{:,.{digits}f}}"
         return f"{f.format(med * scale)} [{f.format(lo * scale)}–{f.format(hi * scale)}]"
-    lines = ["| instances N | roles R | reps | req/s | broker CPU µs per delivery | p50 µs | p99 µs | RSS MB (idle → end) | lost |",
-             "|---:|---:|---:|---:|---|---|---|---|---:|"]
+    lines = ["| instances N | roles R | reps | req/s | broker CPU µs per delivery | p50 µs | p99 µs | RSS MB (idle → end) "
+             "| lost | load1 after the runs |",
+             "|---:|---:|---:|---:|---|---|---|---|---:|---|"]
     for p in summary:
         lines.append(f"| {p['instances']:,} | {p['roles']:,} | {p['reps']} | {p['req'][0]:,.0f} | {fmt(p['cpu'], digits=1)} "
                      f"| {fmt(p['p50'])} | {fmt(p['p99'])} | {p['rss_idle'][0] / 1024:,.0f} → {p['rss'][0] / 1024:,.0f} "
-                     f"| {p['lost']} |")
+                     f"| {p['lost']} | {p['load1'][1]:.1f}–{p['load1'][2]:.1f} |")
     return "\n".join(lines)
 
 
@@ -286,13 +287,16 @@ def plot(summary: list[dict], path: str, title: str) -> None:
                 err = [[p[skey][0] - p[skey][1] for p in points], [p[skey][2] - p[skey][0] for p in points]]
                 ax.errorbar(xs, med, yerr=err, marker="o", capsize=4, label=slabel, color=color)
             ax.set_xscale("log")
-            ax.set_ylim(bottom=0)
+            if metric == "lat":
+                ax.set_yscale("log")  # a tail of preemptions by other work on a shared machine spans decades
+            else:
+                ax.set_ylim(bottom=0)
             ax.grid(True, which="both", alpha=0.3)
             if row == 1:
                 ax.set_xlabel(label)
             if col == 0:
                 ax.set_ylabel(ylabel)
-            ax.legend(loc="lower right")
+            ax.legend(loc="lower left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
