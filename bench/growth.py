@@ -228,7 +228,7 @@ def load(paths: list[str]) -> list[dict]:
         for line in open(path):
             row = json.loads(line)
             if "machine" not in row and not row.get("failed"):
-                rows.append(row)
+                rows.append({**row, "series": path})
     return rows
 
 
@@ -247,6 +247,24 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "rss_idle": stat("broker_rss_idle_kb"), "req": stat("req_per_s"), "load1": stat("load1"),
                     "lost": sum(run.get("lost", 0) for run in runs)})
     return out
+
+
+def paired(rows: list[dict], base: tuple[int, int] = (100, 10)) -> str:
+    """CPU per delivery of each point over the base point's in the same repetition of the same series (run
+    minutes apart, so under a similar load): median [min-max] of those ratios."""
+    base_of = {(row["series"], row["rep"]): row["broker_cpu_us_per_delivery"] for row in rows
+               if (row["instances"], row["roles"]) == base}
+    ratios: dict[tuple[int, int], list[float]] = {}
+    for row in rows:
+        b = base_of.get((row["series"], row["rep"]))
+        if b and (row["instances"], row["roles"]) != base:
+            ratios.setdefault((row["instances"], row["roles"]), []).append(row["broker_cpu_us_per_delivery"] / b)
+    lines = [f"| N | R | CPU per delivery / the same repetition's N = {base[0]:,}, R = {base[1]:,} | pairs |",
+             "|---:|---:|---|---:|"]
+    for (n, r), values in sorted(ratios.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        lines.append(f"| {n:,} | {r:,} | {statistics.median(values):.2f} [{min(values):.2f}–{max(values):.2f}] "
+                     f"| {len(values)} |")
+    return "\n".join(lines)
 
 
 def table(summary: list[dict]) -> str:
@@ -339,8 +357,11 @@ def main() -> None:
 
     if args.table is not None:
         paths = [p for pattern in args.table for p in sorted(glob.glob(pattern))]
-        summary = summarize(load(paths))
+        rows = load(paths)
+        summary = summarize(rows)
         print(table(summary))
+        print()
+        print(paired(rows))
         if args.plot:
             meta = next((json.loads(line)["machine"] for line in open(paths[0]) if '"machine"' in line), {})
             plot(summary, args.plot, f"exocom growth at {meta.get('commit', '?')}: {meta.get('rate', '')} req/s rpc, "
