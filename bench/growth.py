@@ -367,7 +367,7 @@ def main() -> None:
             commits = ", ".join(dict.fromkeys(m["commit"] for m in metas))
             meta = metas[0] if metas else {}
             plot(summary, args.plot, f"exocom growth at {commits}: {meta.get('rate', '')} req/s rpc, medians [min–max] "
-                                     f"of {max(p['reps'] for p in summary)} runs; {meta.get('cpu', '')}, "
+                                     f"of {min(p['reps'] for p in summary)}–{max(p['reps'] for p in summary)} runs; {meta.get('cpu', '')}, "
                                      f"nproc {meta.get('nproc', '')}")
         return
 
