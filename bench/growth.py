@@ -315,7 +315,7 @@ def plot(summary: list[dict], path: str, title: str) -> None:
             if col == 0:
                 ax.set_ylabel(ylabel)
             ax.legend(loc="lower left")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title.replace("; ", "\n", 1), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"# plot: {path}", file=sys.stderr)
