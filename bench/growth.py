@@ -315,7 +315,7 @@ def plot(summary: list[dict], path: str, title: str) -> None:
             if col == 0:
                 ax.set_ylabel(ylabel)
             ax.legend(loc="lower left")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title.replace("; ", "\n", 1), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"# plot: {path}", file=sys.stderr)
@@ -363,9 +363,12 @@ def main() -> None:
         print()
         print(paired(rows))
         if args.plot:
-            meta = next((json.loads(line)["machine"] for line in open(paths[0]) if '"machine"' in line), {})
-            plot(summary, args.plot, f"exocom growth at {meta.get('commit', '?')}: {meta.get('rate', '')} req/s rpc, "
-                                     f"medians [min–max]; {meta.get('cpu', '')}, nproc {meta.get('nproc', '')}")
+            metas = [json.loads(line)["machine"] for path in paths for line in open(path) if '"machine"' in line]
+            commits = ", ".join(dict.fromkeys(m["commit"] for m in metas))
+            meta = metas[0] if metas else {}
+            plot(summary, args.plot, f"exocom growth at {commits}: {meta.get('rate', '')} req/s rpc, medians [min–max] "
+                                     f"of {min(p['reps'] for p in summary)}–{max(p['reps'] for p in summary)} runs; {meta.get('cpu', '')}, "
+                                     f"nproc {meta.get('nproc', '')}")
         return
 
     for tool in ("node", "taskset"):
