@@ -1,6 +1,7 @@
 """What one idle registered connection costs the broker, and where each byte goes.
 
     .venv/bin/python bench/connection_memory.py [N]          # default 2000
+    .venv/bin/python bench/connection_memory.py --checkout /other/checkout [N]   # another build's exocom
 
 Runs the broker's server in this process (its defaults, no ledger) with
 tracemalloc on, opens N WebSocket connections from a child process that
@@ -21,10 +22,16 @@ import tracemalloc
 
 import trio
 
-from exocom.core.broker import Broker
-from exocom.core.config import parse_service_data
-from exocom.logs import configure
-from exocom.server.listener import Server
+if len(sys.argv) > 2 and sys.argv[1] == "--checkout":
+    # The editable install's import hook would win over sys.path: drop it, then put the checkout first.
+    sys.meta_path = [finder for finder in sys.meta_path if "editable" not in repr(finder).lower()]
+    sys.path.insert(0, sys.argv[2])
+    del sys.argv[1:3]
+
+from exocom.core.broker import Broker  # noqa: E402 (after --checkout)
+from exocom.core.config import parse_service_data  # noqa: E402
+from exocom.logs import configure  # noqa: E402
+from exocom.server.listener import Server  # noqa: E402
 
 # The child: N raw sockets, a handshake and a register frame each, then idle until stdin closes.
 CLIENT = textwrap.dedent("""
@@ -49,6 +56,8 @@ CLIENT = textwrap.dedent("""
 
 # Where an allocation's file says what it is part of.
 GROUPS = [
+    ("h11/", "h11: the HTTP parser (connection state, buffers, the request and its headers)"),
+    ("wsproto/", "wsproto: the WebSocket handshake"),
     ("trio/_core/_io_epoll", "trio: the reader's wait for readability (epoll waiters)"),
     ("trio/", "trio: tasks, nursery, cancel scopes, events"),
     ("<attrs generated methods trio", "trio: tasks, nursery, cancel scopes, events"),
@@ -116,7 +125,9 @@ async def measure(n: int, traced: bool) -> None:
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
     configure("json", "warning")  # as in a benchmark run, nothing is logged per connection at info
-    print(f"python {sys.version.split()[0]}, pid {os.getpid()}")
+    import exocom
+
+    print(f"python {sys.version.split()[0]}, pid {os.getpid()}, exocom from {os.path.dirname(exocom.__file__)}")
     trio.run(measure, n, False)  # first: a fresh process's RSS, not one with the freed heap of a run before
     trio.run(measure, n, True)
 
