@@ -15,7 +15,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from core import Harness
 from exocom.core.actions import HandOver
 from exocom.core.cluster import Cluster
+from exocom.core.leases import MARGIN, DriverLeases
 from exocom.core.presence import Presence
+from fleet import NEW, OLD, PREFIX, routes as deployment_routes
 
 ROUTES = {
     "web": {"sends": ["todos.list", "todos.create"], "receives": ["todos.listing", "todos.created"]},
@@ -28,8 +30,8 @@ LEASE = 2.0
 class Node(Harness):
     """One broker core of a cluster; `handed` collects what it hands to the others."""
 
-    def __init__(self, name: str, **options):
-        super().__init__(ROUTES, cluster_id=name, **options)
+    def __init__(self, name: str, routes: dict = ROUTES, **options):
+        super().__init__(routes, cluster_id=name, lease=LEASE, **options)
         self.name = name
         self.handed: list[HandOver] = []
         self._msg_ids = itertools.count(1)
@@ -274,3 +276,72 @@ class PresenceMachine(RuleBasedStateMachine):
 
 
 TestPresenceMachine = PresenceMachine.TestCase
+
+
+# -------------------------------------------------------------- driver leases
+
+def test_a_lease_is_driven_until_its_ttl_from_when_it_was_asked_less_a_margin():
+    leases = DriverLeases("me", ttl=3.0)
+    assert not leases.may_drive("todos@2.0.0", 10.0)
+    assert [log.event for log in leases.answered("todos@2.0.0", 7, None, sent_at=10.0, now=10.2)] == [
+        "deployment driver lease taken"]
+    assert leases.may_drive("todos@2.0.0", 13.0 - MARGIN - 0.01)
+    assert not leases.may_drive("todos@2.0.0", 13.0 - MARGIN)
+    assert leases.answered("todos@2.0.0", 7, None, sent_at=11.0, now=11.1) == []  # a renewal: no news
+    assert [log.event for log in leases.expire(14.0)] == ["deployment driver lease expired"]
+    assert leases.token("todos@2.0.0") == 7  # a late record goes to Redis with it, and Redis refuses it
+    leases.released("todos@2.0.0")
+    assert leases.token("todos@2.0.0") is None
+
+
+def test_a_lease_another_broker_took_is_lost_at_once():
+    leases = DriverLeases("me", ttl=3.0)
+    leases.answered("d", 1, None, sent_at=0.0, now=0.0)
+    assert [log.event for log in leases.answered("d", None, "other", sent_at=1.0, now=1.0)] == [
+        "deployment driver lease lost"]
+    assert not leases.may_drive("d", 1.0) and leases.token("d") == 1 and leases.holders == {"d": "other"}
+
+
+def deploying() -> tuple[Node, Node, int, int]:
+    """Brokers a (the script, the old version) and b (the new version, held)."""
+    a, b = Node("a", deployment_routes()), Node("b", deployment_routes())
+    a.connect("todos", OLD)
+    b.connect("todos", NEW)
+    script = a.connect("todos-deployment")
+    publish([a, b])
+    return a, b, script, b.broker.registry.instances_of("todos")[0].conn
+
+
+def test_a_deployment_starts_only_on_the_broker_that_holds_its_lease():
+    a, b, script, _ = deploying()
+    assert a.broker.cluster.wanted_leases() == [f"todos@{NEW}"] and b.broker.cluster.wanted_leases() == []
+    assert a.take(script) == [] and a.ledger == []  # no lease, no step
+    a.run(a.broker.cluster.leases_answered([(f"todos@{NEW}", 1, None)], a.now, a.now))
+    [start] = a.take(script)
+    assert start["name"] == f"{PREFIX}-offline-start"
+    # b follows the ledger a writes: its instance of the new version stays held, then goes live.
+    b.run(b.broker.cluster.records_seen(a.ledger, b.now))
+    assert b.broker.registry.instances_of("todos")[0].pool.state == "held"
+    a.send(script, f"{PREFIX}-offline-done", activity=start["activityId"])
+    b.run(b.broker.cluster.records_seen(a.ledger[1:], b.now))
+    assert b.broker.registry.instances_of("todos")[0].pool.state == "live"
+    assert "version live" in b.events("info")
+
+
+def test_no_step_advances_once_the_lease_expired_and_a_late_record_is_dropped_when_refused():
+    a, _, script, _ = deploying()
+    a.auto_write = False
+    a.run(a.broker.cluster.leases_answered([(f"todos@{NEW}", 1, None)], a.now, a.now))
+    a.write_one()  # offline started
+    [start] = a.take(script)
+    a.tick(LEASE)  # no renewal came (Redis away): the lease expired here
+    assert "deployment driver lease expired" in a.events("warning")
+    a.send(script, f"{PREFIX}-offline-done", activity=start["activityId"])
+    [late] = a.unwritten  # sent to Redis with the stale token...
+    a.unwritten.clear()
+    a.run(a.broker.cluster.record_refused(late, a.now))  # ...which refuses it
+    assert "deployment record refused" in a.events("warning")
+    d = a.broker.deployment("todos", NEW)
+    assert d.state == "held" and d.writing is None and d.in_flight is None
+    a.tick(1.0)
+    assert a.take(script) == [] and a.unwritten == []  # nothing starts without the lease

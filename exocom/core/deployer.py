@@ -243,7 +243,7 @@ class Deployer:
             d.writing, d.queued, d.in_flight = None, [], None
         return [Log("warning", "deployment record refused", {
             "role": record["role"], "version": record["version"], "step": record["step"],
-            "event": record["event"], "reason": "this broker does not hold the deployment's driver lease (any "
+            "record_event": record["event"], "reason": "this broker does not hold the deployment's driver lease (any "
             "more): the broker that holds it drives the deployment and runs an unfinished step again; an operator "
             "action is taken by the broker that drives the deployment (exocom status shows which)"})]
 

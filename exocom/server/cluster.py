@@ -230,8 +230,9 @@ class ClusterLink:
             try:
                 await trio.sleep_forever()
             finally:
+                # On a client of its own: the clients above lose their connections when cancelled.
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                    await self._leave(commands)
+                    await self._leave()
 
     async def _retrying(self, task: str, body, *args) -> None:
         delay = 0.1
@@ -383,7 +384,7 @@ class ClusterLink:
             except ResponseError as e:
                 if "FENCED" not in str(e):
                     raise
-                self.log.warning("deployment record fenced", deployment=name, token=token, event=record["event"],
+                self.log.warning("deployment record fenced", deployment=name, token=token, record_event=record["event"],
                                  step=record["step"], reason="the lease in Redis is held with another token: "
                                  "another broker took the deployment over while this one was paused or cut off")
                 server.execute(cluster.record_refused(record, time.time()))
@@ -398,19 +399,23 @@ class ClusterLink:
             server.execute(server.broker.record_written(record, time.time()))
             return
 
-    async def _leave(self, commands: coredis.Redis) -> None:
+    async def _leave(self) -> None:
         """Stopping: hand on what is buffered, and tell the others at once instead of after the lease."""
         try:
-            while self.buffer:
-                batch = list(itertools.islice(self.buffer, BATCH))
-                await self._send_batch(commands, batch)
-                for _ in batch:
-                    self.buffer.popleft()
-            async with commands.pipeline(transaction=False) as pipe:
-                pipe.delete([presence_key(self.me)])
-                pipe.srem(BROKERS, [self.me])
-                pipe.publish(CHANNEL, self.me)
+            async with self._client() as commands:
+                await self._hand_on_and_leave(commands)
         except REDIS_AWAY as e:
-            self.log.warning("cluster leave failed", error=str(e), lost=len(self.buffer),
+            self.log.warning("cluster leave failed", error=str(e) or e.__class__.__name__, lost=len(self.buffer),
                              reason="Redis was unreachable while stopping: the others forget this broker after "
                                     "its lease; the messages still buffered for them are lost")
+
+    async def _hand_on_and_leave(self, commands: coredis.Redis) -> None:
+        while self.buffer:
+            batch = list(itertools.islice(self.buffer, BATCH))
+            await self._send_batch(commands, batch)
+            for _ in batch:
+                self.buffer.popleft()
+        async with commands.pipeline(transaction=False) as pipe:
+            pipe.delete([presence_key(self.me)])
+            pipe.srem(BROKERS, [self.me])
+            pipe.publish(CHANNEL, self.me)
