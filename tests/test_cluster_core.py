@@ -345,3 +345,26 @@ def test_no_step_advances_once_the_lease_expired_and_a_late_record_is_dropped_wh
     assert d.state == "held" and d.writing is None and d.in_flight is None
     a.tick(1.0)
     assert a.take(script) == [] and a.unwritten == []  # nothing starts without the lease
+
+
+def test_a_ramps_share_is_the_same_on_a_broker_that_only_follows_the_ledger():
+    rollout = {"steps": [10, 50, 100], "interval": 60, "gates": {"minSamples": 1}}
+    a, b = Node("a", deployment_routes(rollout=rollout)), Node("b", deployment_routes(rollout=rollout))
+    a.connect("todos", OLD)
+    b.connect("todos", OLD)
+    b.connect("todos", NEW)
+    script = a.connect("todos-deployment")
+    publish([a, b])
+    a.run(a.broker.cluster.leases_answered([(f"todos@{NEW}", 1, None)], a.now, a.now))
+    [start] = a.take(script)
+    a.send(script, f"{PREFIX}-offline-done", activity=start["activityId"])
+    b.run(b.broker.cluster.records_seen(a.ledger, b.now))
+    versions = {v["version"]: (v["state"], v["share"]) for c in b.broker.config_json()["clients"]
+                if c["role"] == "todos" for v in c["versions"]}
+    assert versions == {NEW: ("ramping", 10.0), OLD: ("live", 90.0)}
+    # b routes new activities by that share, with its own instances
+    web = b.connect("web")
+    for i in range(200):
+        b.send(web, "todos.list", activity=f"ramp-{i}")
+    new_conn = next(i.conn for i in b.broker.registry.instances_of("todos") if str(i.version) == NEW)
+    assert 5 <= len(b.take(new_conn)) <= 40

@@ -12,8 +12,8 @@ import sys
 import pytest
 import trio
 
-from fleet import NEW, OLD, ScriptLog, ask, deployment, deployment_script, steps, todos, todos_states, wait_deployment, \
-    wait_until, web
+from fleet import NEW, OLD, ScriptLog, ask, deployment, deployment_script, http, steps, todos, todos_states, \
+    wait_deployment, wait_until, web
 from processes import ROOT, free_port
 from test_cluster_e2e import cluster_of, valkey, wait_holders  # noqa: F401 (a fixture)
 from valkey_server import Valkey
@@ -22,7 +22,8 @@ pytest.importorskip("coredis")
 
 
 def ledger(valkey: Valkey) -> list[dict]:
-    return [json.loads(entry) for entry in valkey.command("LRANGE", "exocom:ledger", "0", "-1")]
+    from exocom.server.cluster import LEDGER
+    return [json.loads(entry) for entry in valkey.command("LRANGE", LEDGER, "0", "-1")]
 
 
 async def test_a_broker_killed_mid_deployment_another_one_finishes_it(tmp_path, valkey):
@@ -102,6 +103,34 @@ async def test_a_broker_paused_past_its_lease_cannot_record_the_step_it_was_driv
         assert [(e["by"], e["record"]["attempt"]) for e in done] == [("a", 2)]
         tokens = {e["by"]: e["token"] for e in records}
         assert tokens["a"] > tokens["b"]
+
+
+async def test_redis_away_pauses_a_deployment_which_resumes_from_the_ledger_when_redis_is_back(tmp_path, valkey):
+    from exocom.server.cluster import LEASE_TTL
+    with cluster_of(tmp_path, valkey, ("a", "b")) as (a, b):
+        release = trio.Event()
+
+        async def offline(relay):
+            await release.wait()
+
+        log = ScriptLog()
+        async with todos(b.url, NEW, []), deployment_script(a.url, log, offline=offline):
+            assert await log.wait_starts(1, timeout=10) == [("offline", 1)]
+            valkey.stop()
+            release.set()  # the script answers while Redis is away: not recorded, so nothing advances
+            await trio.sleep(LEASE_TTL + 1)
+            d = await deployment(a.port)
+            assert d["state"] == "held" and steps(d) == {"offline": ("started", 1), "online": ("pending", 0)}
+            assert log.starts == [("offline", 1)]
+            status, body = await http(a.port, "GET", "/readyz")
+            assert status == 503 and body["failing"] == ["cluster"]
+            valkey.start()
+            # The lease passed while Redis was away: the late record is refused, a takes the lease again
+            # and runs the step again, as after a restart.
+            d = await wait_deployment(a.port, lambda d: d["finished"], "the deployment to finish", timeout=20)
+            assert steps(d) == {"offline": ("done", 2), "online": ("done", 1)}
+        events = [e["event"] for e in a.events()]
+        assert "deployment driver lease expired" in events and "deployment record fenced" in events
 
 
 def test_a_redis_that_does_not_persist_is_refused_with_what_to_set(tmp_path):

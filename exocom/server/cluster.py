@@ -45,7 +45,9 @@ from coredis.exceptions import RedisError, ResponseError, StreamDuplicateConsume
 
 from ..logs import get_logger
 
-PREFIX = "exocom:"
+# One hash tag for every key: on a Redis Cluster they all live in one slot, so the ledger and lease scripts and
+# the presence MGET (several keys each) stay legal. A cluster of brokers is not sharded over Redis nodes.
+PREFIX = "{exocom}:"
 BROKERS = PREFIX + "brokers"  # set of broker ids that announced themselves (pruned when their key expired)
 CHANNEL = PREFIX + "presence"
 GROUP = "brokers"
