@@ -15,7 +15,7 @@ import trio
 from fleet import NEW, OLD, ScriptLog, ask, deployment, deployment_script, http, steps, todos, todos_states, \
     wait_deployment, wait_until, web
 from processes import ROOT, free_port
-from test_cluster_e2e import cluster_of, valkey, wait_holders  # noqa: F401 (a fixture)
+from test_cluster_e2e import cluster_of, held, valkey, wait_holders  # noqa: F401 (a fixture)
 from valkey_server import Valkey
 
 pytest.importorskip("coredis")
@@ -55,19 +55,12 @@ async def test_a_broker_killed_mid_deployment_another_one_finishes_it(tmp_path, 
                                           timeout=15)
                 assert steps(d) == {"offline": ("done", 2), "online": ("done", 1)}
             await wait_until(lambda: _states(c) == {NEW: "live"}, "c to see the version live")
-            await wait_until(lambda: _held(a, "c") == {NEW: "live"}, "a to see c's version live")
+            await wait_until(lambda: held(a, "c") == {NEW: "live"}, "a to see c's version live")
             assert await ask(client, "pinned", version="2") == NEW  # from a, through c
         events = [e["event"] for e in a.events()]
         assert "deployment driver lease taken" in events and "deployment finished" in events
         drivers = {(e["by"], e["token"]) for e in ledger(valkey)}
         assert {by for by, _ in drivers} == {"b", "a"}
-
-
-def _held(broker, other: str) -> dict:
-    """The versions of todos `broker` sees `other` hold, with their states."""
-    cluster = (broker.get("/config.json") or {}).get("cluster", {"brokers": []})
-    return {v: e["state"] for b in cluster["brokers"] if b["broker"] == other
-            for v, e in b["roles"].get("todos", {}).items()}
 
 
 def _states(broker) -> dict:

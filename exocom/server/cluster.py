@@ -94,39 +94,46 @@ class PersistenceTooWeak(Exception):
     pass
 
 
-async def open_ledger(url: str, password: str | None, *, volatile_ok: bool) -> tuple[list[dict], list[str]]:
-    """At startup, before the broker is built: every record of the shared ledger, and warnings
-    about Redis's persistence. PersistenceTooWeak (saying what to set) when Redis would lose
-    acknowledged records on a restart, unless `volatile_ok`."""
+async def open_ledger(url: str, password: str | None, *, volatile_ok: bool) -> tuple[list[dict], list[str], bool]:
+    """At startup, before the broker is built: every record of the shared ledger, warnings
+    about Redis's persistence, and whether Redis is a Redis Cluster. PersistenceTooWeak (saying
+    what to set) when Redis would lose acknowledged records on a restart, unless `volatile_ok`."""
     warnings = []
-    async with _client(url, password) as client:
+    async with _client(url, password, False) as client:
+        redis_cluster = (await client.info("cluster")).get("cluster_enabled") == 1
         try:
             config = await client.config_get(["appendonly", "appendfsync"])
         except ResponseError as e:
             config = None
             warnings.append(f"cannot read Redis's persistence settings ({e}): make sure it runs with appendonly yes "
                             "and appendfsync always, or a step recorded done may run again after Redis restarts")
-        if config is not None:
-            appendonly = config.get(b"appendonly", b"").decode()
-            appendfsync = config.get(b"appendfsync", b"").decode()
-            if appendonly != "yes":
-                problem = (f"Redis at {shown_url(url)} does not persist writes (appendonly {appendonly}): after "
-                           "a Redis restart the ledger is empty and every deployment step runs again. Set "
-                           "`appendonly yes` and `appendfsync always` (redis.conf, or CONFIG SET and CONFIG "
-                           "REWRITE)")
-                if not volatile_ok:
-                    raise PersistenceTooWeak(problem + ", or pass --cluster-volatile-ledger to accept that")
-                warnings.append(problem)
-            elif appendfsync != "always":
-                warnings.append(f"Redis at {shown_url(url)} syncs its append-only file {appendfsync}, not always: "
-                                "a Redis crash may lose the last records, and a step recorded done in them runs "
-                                "again. Set `appendfsync always` for the guarantee")
+    if config is not None:
+        appendonly = config.get(b"appendonly", b"").decode()
+        appendfsync = config.get(b"appendfsync", b"").decode()
+        if appendonly != "yes":
+            problem = (f"Redis at {shown_url(url)} does not persist writes (appendonly {appendonly}): after "
+                       "a Redis restart the ledger is empty and every deployment step runs again. Set "
+                       "`appendonly yes` and `appendfsync always` (redis.conf, or CONFIG SET and CONFIG "
+                       "REWRITE)")
+            if not volatile_ok:
+                raise PersistenceTooWeak(problem + ", or pass --cluster-volatile-ledger to accept that")
+            warnings.append(problem)
+        elif appendfsync != "always":
+            warnings.append(f"Redis at {shown_url(url)} syncs its append-only file {appendfsync}, not always: "
+                            "a Redis crash may lose the last records, and a step recorded done in them runs "
+                            "again. Set `appendfsync always` for the guarantee")
+        if redis_cluster:
+            warnings.append(f"a Redis Cluster: only the node at {shown_url(url)} was checked; every node that may "
+                            "hold the ledger's slot needs the same persistence settings")
+    async with _client(url, password, redis_cluster) as client:
         entries = await client.lrange(LEDGER, 0, -1)
-    return [orjson.loads(entry)["record"] for entry in entries], warnings
+    return [orjson.loads(entry)["record"] for entry in entries], warnings, redis_cluster
 
 
-def _client(url: str, password: str | None) -> coredis.Redis:
-    return coredis.Redis.from_url(url, password=password, connect_timeout=2.0, stream_timeout=5.0)
+def _client(url: str, password: str | None, redis_cluster: bool) -> coredis.Redis:
+    """A Redis Cluster is found from any of its nodes (the client follows MOVED and learns the slots)."""
+    kind = coredis.RedisCluster if redis_cluster else coredis.Redis
+    return kind.from_url(url, password=password, connect_timeout=2.0, stream_timeout=5.0)
 
 
 # What a command raises when Redis is away or the connection broke (coredis passes anyio's own through).
@@ -158,6 +165,7 @@ class ClusterLink:
                  ledger_records: int = 0):
         self.url = url
         self.lease_ttl = LEASE_TTL
+        self.redis_cluster = False  # a Redis Cluster rather than one Redis (found by `open_ledger`)
         self.known = ledger_records  # ledger records this broker has applied, in ledger order
         self.own: set[int] = set()  # sequence numbers of the records this broker appended (applied already)
         self.password = password
@@ -218,7 +226,7 @@ class ClusterLink:
     # ---------------------------------------------------------------- tasks
 
     def _client(self) -> coredis.Redis:
-        return _client(self.url, self.password)
+        return _client(self.url, self.password, self.redis_cluster)
 
     async def run(self, server, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with self._client() as commands, self._client() as reads, trio.open_nursery() as nursery:
