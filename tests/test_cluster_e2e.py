@@ -151,6 +151,25 @@ async def test_redis_away_keeps_local_traffic_and_readyz_says_why_then_everythin
         assert "cluster redis back" in [e["event"] for e in a.events()]
 
 
+async def test_messages_for_another_broker_wait_while_redis_is_away_and_arrive_when_it_is_back(tmp_path, valkey):
+    with cluster_of(tmp_path, valkey, ("a", "b")) as (a, b):
+        got = []
+        async with todos(b.url, "1.0.0", got), web(a.url) as client:
+            await wait_holders(a, "todos", {"b"})
+            valkey.stop()
+            # Sent at once, while a still counts b as present (its lease is 2 s): buffered in a.
+            for i in range(5):
+                await client.send("todos.list", {"tag": f"waited-{i}"})
+            status, body = await wait_until(
+                lambda: (lambda r: r if r[0] == 503 and r[1]["checks"]["cluster"]["buffered"] == 5 else None)(
+                    _readyz(a)), lambda: f"a not ready with 5 buffered: {_readyz(a)}")
+            assert body["checks"]["cluster"]["dropped"] == 0 and "unreachable" in body["error"]
+            assert got == []
+            valkey.start()
+            await wait_until(lambda: len(got) == 5, lambda: f"the waiting messages to arrive (got {got})", timeout=10)
+        assert got == [f"waited-{i}" for i in range(5)]
+
+
 def _readyz(broker: BrokerProcess):
     import urllib.error
     import urllib.request
