@@ -347,17 +347,24 @@ def test_no_step_advances_once_the_lease_expired_and_a_late_record_is_dropped_wh
     assert a.take(script) == [] and a.unwritten == []  # nothing starts without the lease
 
 
-def test_a_ramps_share_is_the_same_on_a_broker_that_only_follows_the_ledger():
-    rollout = {"steps": [10, 50, 100], "interval": 60, "gates": {"minSamples": 1}}
-    a, b = Node("a", deployment_routes(rollout=rollout)), Node("b", deployment_routes(rollout=rollout))
-    a.connect("todos", OLD)
-    b.connect("todos", OLD)
-    b.connect("todos", NEW)
+RAMP = {"steps": [10, 50, 100], "interval": 60, "gates": {"minSamples": 1}}
+
+
+def ramped(*versions_on_b: str) -> tuple[Node, Node, int]:
+    """a drives a ramp of todos NEW (the script on a, these versions of todos on b), its offline step done."""
+    a, b = Node("a", deployment_routes(rollout=RAMP)), Node("b", deployment_routes(rollout=RAMP))
+    for version in versions_on_b:
+        b.connect("todos", version)
     script = a.connect("todos-deployment")
     publish([a, b])
     a.run(a.broker.cluster.leases_answered([(f"todos@{NEW}", 1, None)], a.now, a.now))
     [start] = a.take(script)
     a.send(script, f"{PREFIX}-offline-done", activity=start["activityId"])
+    return a, b, script
+
+
+def test_a_ramps_share_is_the_same_on_a_broker_that_only_follows_the_ledger():
+    a, b, _ = ramped(OLD, NEW)
     b.run(b.broker.cluster.records_seen(a.ledger, b.now))
     versions = {v["version"]: (v["state"], v["share"]) for c in b.broker.config_json()["clients"]
                 if c["role"] == "todos" for v in c["versions"]}
@@ -368,3 +375,26 @@ def test_a_ramps_share_is_the_same_on_a_broker_that_only_follows_the_ledger():
         b.send(web, "todos.list", activity=f"ramp-{i}")
     new_conn = next(i.conn for i in b.broker.registry.instances_of("todos") if str(i.version) == NEW)
     assert 5 <= len(b.take(new_conn)) <= 40
+
+
+def test_an_operator_action_goes_to_the_broker_that_drives_the_deployment():
+    a, b, script, _ = deploying()
+    b.connect("todos-deployment")  # b wants the lease too, and hears that a holds it
+    a.run(a.broker.cluster.leases_answered([(f"todos@{NEW}", 1, None)], a.now, a.now))
+    b.run(b.broker.cluster.leases_answered([(f"todos@{NEW}", None, "a")], b.now, b.now))
+    with pytest.raises(ValueError, match="driven by broker 'a'"):
+        b.broker.retry("todos", NEW, b.now)
+    # Once b no longer asks for the lease, it does not claim to know who holds it.
+    b.run(b.broker.cluster.leases_answered([], b.now, b.now))
+    with pytest.raises(ValueError, match="no failed step"):  # judged by the deployment itself again
+        b.broker.retry("todos", NEW, b.now)
+
+
+def test_a_ramp_is_wanted_by_a_broker_with_the_ramping_version_after_its_script_left():
+    a, b, script = ramped(NEW)
+    [online] = a.take(script)
+    a.send(script, f"{PREFIX}-online-done", activity=online["activityId"])
+    b.run(b.broker.cluster.records_seen(a.ledger, b.now))
+    a.disconnect(script)
+    assert a.broker.deployment("todos", NEW).state == "ramping"
+    assert a.broker.cluster.wanted_leases() == [] and b.broker.cluster.wanted_leases() == [f"todos@{NEW}"]

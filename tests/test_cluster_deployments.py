@@ -126,6 +126,25 @@ async def test_redis_away_pauses_a_deployment_which_resumes_from_the_ledger_when
         assert "deployment driver lease expired" in events and "deployment record fenced" in events
 
 
+async def test_a_failed_deployment_nobody_drives_is_retried_from_any_broker(tmp_path, valkey):
+    from exocom.server.cluster import LEASE_TTL
+
+    async def offline(relay):
+        raise RuntimeError("the migration broke")
+
+    with cluster_of(tmp_path, valkey, ("a", "b")) as (a, b):
+        async with todos(b.url, NEW, []):
+            async with deployment_script(a.url, ScriptLog(), offline=offline):
+                await wait_deployment(b.port, lambda d: steps(d)["offline"] == ("failed", 1), "b to see it failed",
+                                      timeout=10)
+            await trio.sleep(LEASE_TTL + 0.5)  # a drives nothing now: its lease is handed back (or passes)
+            status, body = await http(b.port, "POST", f"/deployments/todos@{NEW}/retry")
+            assert status == 202, body
+            d = await wait_deployment(a.port, lambda d: steps(d)["offline"][0] == "pending", "a to see the retry")
+            assert d["state"] == "held"
+        assert [e["by"] for e in ledger(valkey) if e["record"]["event"] == "rearmed"] == ["b"]
+
+
 def test_a_redis_that_does_not_persist_is_refused_with_what_to_set(tmp_path):
     volatile = Valkey(tmp_path / "valkey", persistent=False).start()
     try:

@@ -238,15 +238,22 @@ class Broker:
     def rollout(self, role: str, version: str, action: str, now: float) -> list:
         """An operator's pause, resume, promote or abort of a ramp (KeyError: no
         such rollout; ValueError: not possible now, the message says why)."""
+        self._operator(role, version, now)
         return self.ramps.act(role, version, action, now)
 
     def rollback(self, role: str, version: str, now: float) -> list:
         """An operator takes a live version out of production."""
+        self._operator(role, version, now)
         return self.ramps.rollback(role, version, now)
 
     def retry(self, role: str, version: str, now: float) -> list:
         """Re-arm the failed steps of a deployment (operator action)."""
+        self._operator(role, version, now)
         return self.deployer.retry(role, version, now)
+
+    def _operator(self, role: str, version: str, now: float) -> None:
+        if self.cluster is not None:
+            self.cluster.operator_may_act(role, version, now)
 
     def starting(self, now: float) -> list:
         """Log the state of every declared deployment once at startup."""

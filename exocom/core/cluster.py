@@ -80,17 +80,37 @@ class Cluster:
         return any(v == text for _, v, _ in self.presence.holders(role))
 
     def wanted_leases(self) -> list[str]:
-        """The deployments this broker should drive: unfinished, with their script connected here."""
-        pools = self.router.registry.pools
+        """The deployments this broker should drive: unfinished with their script connected here, or
+        ramping with instances of the version here (a ramp goes on after its script is gone; its gates
+        judge the driver's own figures)."""
+        registry = self.router.registry
         return [str(d.target) for d in self.deployer.deployments.values()
-                if pools.get(d.script_role) and (d.next_step() is not None or d.state == RAMPING)]
+                if (registry.pools.get(d.script_role) and (d.next_step() is not None or d.state == RAMPING))
+                or (d.state == RAMPING and registry.pool(d.target.role, d.target.version) is not None)]
+
+    def operator_may_act(self, role: str, version: str, now: float) -> None:
+        """ValueError (HTTP 409) when another broker drives role@version: the action goes to that one.
+        A deployment nobody drives (no script connected anywhere) may be acted on from any broker."""
+        name = f"{role}@{version}"
+        holder = self.leases.holders.get(name)
+        if holder is not None and not self.leases.may_drive(name, now):
+            raise ValueError(f"{name} is driven by broker {holder!r} now: send the action to that broker "
+                             "(exocom status on it)")
 
     def leases_answered(self, answers: list[tuple[str, int | None, str | None]], sent_at: float, now: float) -> list:
         actions: list = []
+        asked = {name for name, _, _ in answers}
+        for name in [n for n in self.leases.holders if n not in asked]:
+            del self.leases.holders[name]  # not asked any more: who holds it is not known here now
         for name, token, holder in answers:
             actions += self.leases.answered(name, token, holder, sent_at, now)
         self.deployer.advance_all(now, actions)  # a lease taken: its due step starts
         return actions
+
+    def leases_released(self, names: list[str]) -> list:
+        for name in names:
+            self.leases.released(name)
+        return [Log("info", "deployment driver lease released", {"deployment": name}) for name in names]
 
     def records_seen(self, records: list[dict[str, Any]], now: float) -> list:
         actions: list = []

@@ -77,9 +77,23 @@ local token = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. '/' .. token, 'PX', ARGV[2])
 return {1, tostring(token)}
 """
-# Append a record only under the lease the writer holds (fencing): its sequence number.
+# Hand a lease back, if it is still the caller's.
+RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+# Append a record only under the lease the writer holds (fencing): its sequence number. Without a token
+# (ARGV[1] empty: an operator's action on a deployment this broker does not drive, a rollback of a version
+# without one) only while no other broker holds the lease (ARGV[3]: the writer).
 APPEND_RECORD = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+local current = redis.call('GET', KEYS[1])
+if ARGV[1] == '' then
+  if current and string.match(current, '^(.*)/%d+$') ~= ARGV[3] then
+    return redis.error_reply('FENCED another broker drives this deployment')
+  end
+elseif current ~= ARGV[1] then
   return redis.error_reply('FENCED the writer does not hold this deployment lease with this token')
 end
 return redis.call('RPUSH', KEYS[2], ARGV[2])
@@ -353,12 +367,18 @@ class ClusterLink:
     async def _leases(self, server, commands: coredis.Redis) -> None:
         cluster = server.broker.cluster
         while True:
-            names = sorted(set(cluster.wanted_leases()) | set(cluster.leases.held))
+            names = sorted(cluster.wanted_leases())
+            # Held but no longer wanted (finished, failed, its script gone): handed back at once.
+            done = sorted(set(cluster.leases.held) - set(names))
             sent_at = time.time()
             async with commands.pipeline(transaction=False) as pipe:
                 length = pipe.llen(LEDGER)
                 answers = [pipe.eval(TAKE_LEASE, [lease_key(name), FENCE], [self.me, int(LEASE_TTL * 1000)])
                            for name in names]
+                for name in done:
+                    pipe.eval(RELEASE_LEASE, [lease_key(name)], [f"{self.me}/{cluster.leases.token(name)}"])
+            if done:
+                server.execute(cluster.leases_released(done))
             length = await length
             answers = [await answer for answer in answers]
             # The records others appended come first: a lease is driven only on the whole ledger.
@@ -385,12 +405,10 @@ class ClusterLink:
         delay = 0.1
         while True:
             token = cluster.leases.token(name)
-            if token is None:
-                server.execute(cluster.record_refused(record, time.time()))
-                return
             entry = orjson.dumps({"by": self.me, "token": token, "record": record})
+            fence = f"{self.me}/{token}" if token is not None else ""
             try:
-                seq = await self.commands.eval(APPEND_RECORD, [lease_key(name), LEDGER], [f"{self.me}/{token}", entry])
+                seq = await self.commands.eval(APPEND_RECORD, [lease_key(name), LEDGER], [fence, entry, self.me])
             except ResponseError as e:
                 if "FENCED" not in str(e):
                     raise
