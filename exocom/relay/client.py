@@ -557,6 +557,10 @@ async def open_relay(url: str | Sequence[str], role: str, version: str | None = 
                      setup: Callable[[Relay], Any] | None = None, **options) -> AsyncIterator[Relay]:
     """A connected, registered relay for the duration of the block.
 
+    `url` may name several brokers of one cluster (a list, or one string with
+    commas): the relay connects to the first and, whenever a connection
+    fails or is lost, tries the next one.
+
     `setup(relay)` is called before the relay connects: register handlers
     there (or `DeploymentScript.attach`) when a message may arrive as soon as
     the relay is registered, as a deployment step's start message does.
