@@ -398,3 +398,18 @@ def test_a_ramp_is_wanted_by_a_broker_with_the_ramping_version_after_its_script_
     a.disconnect(script)
     assert a.broker.deployment("todos", NEW).state == "ramping"
     assert a.broker.cluster.wanted_leases() == [] and b.broker.cluster.wanted_leases() == [f"todos@{NEW}"]
+
+
+def test_a_failure_decided_under_a_lost_lease_does_not_keep_the_version_out_here():
+    a, _, script, _ = deploying()
+    a.auto_write = False
+    a.run(a.broker.cluster.leases_answered([(f"todos@{NEW}", 1, None)], a.now, a.now))
+    a.write_one()  # offline started
+    a.take(script)
+    a.run(a.broker.cluster.leases_answered([(f"todos@{NEW}", None, "b")], a.now, a.now))  # b took it over
+    a.tick(400)  # past the step's time limit: a fails it (out of production at once), then records it
+    assert a.broker.deployment("todos", NEW).state == "failed"
+    [late] = a.unwritten
+    a.unwritten.clear()
+    a.run(a.broker.cluster.record_refused(late, a.now))  # the ledger is b's: refused
+    assert a.broker.deployment("todos", NEW).state == "held"  # as the ledger has it

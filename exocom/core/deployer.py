@@ -239,9 +239,15 @@ class Deployer:
         deployment's lease (its fencing token is stale). Whoever holds it now drives the
         deployment from the records in the ledger; nothing here acts on this one."""
         d = self.deployment(record["role"], record["version"])
+        actions: list = []
         if d is not None:
             d.writing, d.queued, d.in_flight = None, [], None
-        return [Log("warning", "deployment record refused", {
+            if d.taken_out:
+                # Taken out before the record (a failure, an abort) that never made it: the ledger, which
+                # the driver writes, says what the version's state is.
+                d.taken_out = False
+                self.refresh(d.target.role, now, actions)
+        return actions + [Log("warning", "deployment record refused", {
             "role": record["role"], "version": record["version"], "step": record["step"],
             "record_event": record["event"], "reason": "this broker does not hold the deployment's driver lease (any "
             "more): the broker that holds it drives the deployment and runs an unfinished step again; an operator "
