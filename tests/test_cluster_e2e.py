@@ -7,12 +7,13 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import subprocess
 
 import pytest
 import trio
 
 from fleet import EXOCOM, ask, get, http, routes, todos, wait_until, web
-from processes import BrokerProcess
+from processes import BrokerProcess, wait_for
 from valkey_server import Valkey, running
 
 pytest.importorskip("coredis")
@@ -170,6 +171,27 @@ async def test_messages_for_another_broker_wait_while_redis_is_away_and_arrive_w
         assert got == [f"waited-{i}" for i in range(5)]
 
 
+def test_the_redis_password_comes_from_a_file_and_a_wrong_one_stops_the_start(tmp_path):
+    with running(Valkey(tmp_path / "valkey", "--requirepass", "s3cret")) as server:
+        (tmp_path / "password").write_text("s3cret\n")
+        (tmp_path / "wrong").write_text("guess\n")
+        refused = subprocess.run([*EXOCOM, "serve", "--port", "0", "--state-dir", str(tmp_path / "s0"), "--log-format",
+                                  "json", "--cluster", server.url, "--cluster-password-file", str(tmp_path / "wrong")],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2
+        [error] = [json.loads(line) for line in refused.stdout.splitlines() if "exocom cannot start" in line]
+        assert "cannot read the cluster's ledger" in error["error"] and "guess" not in refused.stdout
+        (tmp_path / "b").mkdir()
+        broker = BrokerProcess(tmp_path / "b", "--cluster", server.url, "--cluster-password-file",
+                               str(tmp_path / "password")).start()
+        try:
+            wait_for(lambda: _readyz(broker)[0] == 200, what="the broker to be ready")
+            started = [e for e in broker.events() if e["event"] == "broker listening"][0]
+            assert started["cluster"] == server.url and "s3cret" not in broker.log_path.read_text()
+        finally:
+            broker.stop()
+
+
 def _readyz(broker: BrokerProcess):
     import urllib.error
     import urllib.request
@@ -180,3 +202,10 @@ def _readyz(broker: BrokerProcess):
         return e.code, json.loads(e.read())
     except OSError:
         return 0, None
+
+
+def test_a_cluster_url_is_shown_without_its_password():
+    from exocom.server.cluster import shown_url
+    assert shown_url("redis://user:pw@redis.internal:6379/2") == "redis://user@redis.internal:6379/2"
+    assert shown_url("rediss://:pw@10.0.0.5:6380") == "rediss://10.0.0.5:6380"
+    assert shown_url("redis://127.0.0.1:6379") == "redis://127.0.0.1:6379"
