@@ -20,7 +20,8 @@ COPY exocom/ exocom/
 COPY config/ config/
 # The exocom wheel and the wheels of everything it needs, so that the runtime
 # stage installs offline and carries no build tools.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# With the cluster extra (coredis): the same image runs one broker or a cluster (config/cluster-compose.yml).
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[cluster]"
 
 # -------------------------------------------------------------- runtime stage
 FROM ${PYTHON_IMAGE}
@@ -35,7 +36,7 @@ RUN groupadd --system --gid 10001 exocom \
     && mkdir -p /var/lib/exocom /etc/exocom \
     && chown exocom:exocom /var/lib/exocom
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels exocom
+    pip install --no-cache-dir --no-index --find-links=/wheels "exocom[cluster]"
 WORKDIR /app
 # The example services (docker compose: config/docker-compose.yml) and the
 # routing files, e.g. `--config /app/config/todo-app.yml`.

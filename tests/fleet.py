@@ -126,7 +126,7 @@ async def wait_until(condition, what: str, timeout: float = 5.0, interval: float
             if value:
                 return value
             await trio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
 
 
 # ------------------------------------------------------------------- HTTP

@@ -8,6 +8,7 @@ import errno
 import gc
 import json
 import os
+import socket
 import sys
 import time
 import urllib.error
@@ -89,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--protect-reads", action="store_true",
                        help="with --admin-token-file: /config.json, /deployments and /metrics need the token too "
                             "(the status page then takes it from its URL: /#token=TOKEN)")
+    # Several brokers, one fleet (issue 12).
+    serve.add_argument("--cluster", metavar="URL", default=os.environ.get("EXOCOM_CLUSTER_URL"),
+                       help="share the fleet with the other brokers on this Redis or Valkey: redis://HOST:PORT/DB or "
+                            "rediss:// for TLS (env EXOCOM_CLUSTER_URL; needs pip install 'exocom[cluster]')")
+    serve.add_argument("--cluster-password-file", metavar="FILE",
+                       default=os.environ.get("EXOCOM_CLUSTER_PASSWORD_FILE"),
+                       help="the Redis password, read from this file (env EXOCOM_CLUSTER_PASSWORD_FILE)")
+    serve.add_argument("--cluster-volatile-ledger", action="store_true",
+                       help="start although Redis does not persist writes (appendonly no): after a Redis restart "
+                            "every deployment step runs again (tests, demos)")
+    serve.add_argument("--broker-id", default=os.environ.get("EXOCOM_BROKER_ID"),
+                       help="this broker's name in the cluster, stable across restarts (default HOSTNAME:PORT; "
+                            "env EXOCOM_BROKER_ID)")
 
     deployments = sub.add_parser("deployments", help="list deployments (from the running broker, else its ledger), "
                                                      "retry a failed one, or reset a lost or damaged ledger",
@@ -249,6 +263,10 @@ def serve(args, environ) -> int:
             return fail(str(e))
     elif args.protect_reads:
         return fail("--protect-reads needs --admin-token-file (the token the reads are then protected with)")
+    try:
+        cluster = _cluster(args, port)
+    except ConfigError as e:
+        return fail(str(e))
     state_dir = args.state_dir or default_state_dir(environ)
     try:
         lock = StateDirLock.acquire(state_dir, "exocom serve")
@@ -258,8 +276,11 @@ def serve(args, environ) -> int:
         return fail(f"cannot lock the state directory {state_dir}: {e}; pass a writable --state-dir or set "
                     "EXOCOM_STATE_DIR")
     try:
-        ledger = SQLiteLedger.in_state_dir(state_dir)
-        records = ledger.load()
+        if cluster is not None:
+            ledger, records = None, _cluster_ledger(cluster, args.cluster_volatile_ledger, log)
+        else:
+            ledger = SQLiteLedger.in_state_dir(state_dir)
+            records = ledger.load()
     except LedgerError as e:
         lock.release()
         return fail(str(e))
@@ -268,13 +289,15 @@ def serve(args, environ) -> int:
         return fail(f"{e}; pass a writable --state-dir or set EXOCOM_STATE_DIR")
     broker = Broker(config, ledger_records=records, step_timeout=args.step_timeout,
                     log_deliveries=args.log_level == "debug", max_messages_per_second=args.max_messages_per_second,
-                    drain_period=args.drain_period, now=time.time())
+                    drain_period=args.drain_period, now=time.time(),
+                    **({} if cluster is None else {"cluster_id": cluster.me, "lease": cluster.lease_ttl}))
     reload = reloader(args.config, environ)
     if args.require_auth and reload.load is not None:
         reload = dataclasses.replace(reload, load=_closed_roles_only(reload.load))
     server = Server(broker, ledger, Limits(args.max_frame_bytes, args.max_outbox_bytes), grace_period=args.grace_period,
                     reloader=reload, tls=tls, admin_token_sha256=admin_token_sha256,
                     protect_reads=args.protect_reads)
+    server.cluster = cluster
 
     listen_error: list[OSError] = []
 
@@ -286,7 +309,9 @@ def serve(args, environ) -> int:
                          roles=sorted(config.roles), open_roles=open_roles,
                          deployments=[str(d) for _, d, _ in config.deployments()],
                          state_dir=str(Path(state_dir).resolve()), ledger_records=len(records), version=__version__,
-                         tls="off" if tls is None else "client certificates required" if tls.client_certificates else "on")
+                         tls="off" if tls is None else "client certificates required" if tls.client_certificates else "on",
+                         **({} if cluster is None else {"cluster": cluster.shown_url, "broker_id": cluster.me,
+                                                     "redis": "cluster" if cluster.redis_cluster else "single"}))
 
             try:
                 await nursery.start(partial(server.serve, args.host, port, announce=announce))
@@ -304,7 +329,8 @@ def serve(args, environ) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        server.ledger.close()
+        if server.ledger is not None:
+            server.ledger.close()
         lock.release()
     if listen_error:
         e = listen_error[0]
@@ -318,6 +344,42 @@ def serve(args, environ) -> int:
         return 1
     log.info("broker stopped")
     return 0
+
+
+def _cluster(args, port: int):
+    """The link to the cluster's Redis (`--cluster`), or None: coredis is imported only then."""
+    if not args.cluster:
+        if args.cluster_password_file:
+            raise ConfigError("--cluster-password-file needs --cluster URL (or EXOCOM_CLUSTER_URL)")
+        return None
+    if not args.cluster.startswith(("redis://", "rediss://")):
+        raise ConfigError(f"--cluster {args.cluster!r}: give a redis:// or rediss:// URL "
+                          "(e.g. redis://127.0.0.1:6379/0)")
+    try:
+        from ..server.cluster import ClusterLink
+    except ImportError as e:
+        raise ConfigError(f"--cluster needs the Redis client coredis ({e}): pip install 'exocom[cluster]'") from None
+    password = None
+    if args.cluster_password_file:
+        password = credentials.read_token_file(Path(args.cluster_password_file), "--cluster-password-file")
+    return ClusterLink(args.cluster, args.broker_id or f"{socket.gethostname()}:{port}", password=password)
+
+
+def _cluster_ledger(cluster, volatile_ok: bool, log) -> list[dict]:
+    """The records of the cluster's ledger in Redis (LedgerError: Redis cannot be read or keeps no records)."""
+    from ..server.cluster import REDIS_AWAY, PersistenceTooWeak, open_ledger
+    try:
+        records, warnings, cluster.redis_cluster = trio.run(partial(open_ledger, cluster.url, cluster.password,
+                                                                    volatile_ok=volatile_ok))
+    except* PersistenceTooWeak as group:
+        raise LedgerError(str(group.exceptions[0])) from None
+    except* REDIS_AWAY as group:
+        raise LedgerError(f"cannot read the cluster's ledger from Redis at {cluster.shown_url}: "
+                          f"{group.exceptions[0]}; start Redis (or fix --cluster), then the broker") from None
+    for warning in warnings:
+        log.warning("cluster redis persistence", problem=warning)
+    cluster.known = len(records)
+    return records
 
 
 def _tls(args) -> TLS | None:

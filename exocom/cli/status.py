@@ -155,6 +155,8 @@ def collect(url: str) -> dict[str, Any]:
         raise Unreachable(f"{url} answered, but not like an exocom broker (no routes in /config.json)")
     status = {"url": url, "reachable": True, "clients": config.get("clients", []), "routes": config.get("routes", {}),
               "deployments": deployments.get("deployments", [])}
+    if "cluster" in config:
+        status["cluster"] = config["cluster"]
     status["problems"] = problems(status)
     status["notes"] = notes(status)
     status["ok"] = not status["problems"]
@@ -320,6 +322,9 @@ def render(status: dict[str, Any]) -> str:
             rows.append((role, v["version"], v["state"], percent(v.get("share", 0)), str(v["instances"])))
     lines.extend(table(rows))
     lines.append("")
+    if "cluster" in status:
+        lines.extend(cluster_table(status["cluster"]))
+        lines.append("")
     if status["deployments"]:
         rows = [("DEPLOYMENT", "BY", "STATE", "PROGRESS", "LAST ERROR")]
         now = time.time()
@@ -343,6 +348,21 @@ def render(status: dict[str, Any]) -> str:
         lines.append("notes:")
         lines.extend(f"  - {n}" for n in status["notes"])
     return "\n".join(lines)
+
+
+def cluster_table(cluster: dict[str, Any]) -> list[str]:
+    """Which broker of the cluster holds what (`exocom serve --cluster`)."""
+    brokers = cluster.get("brokers", [])
+    rows = [("BROKER", "ROLE", "VERSION", "STATE", "INSTANCES")]
+    for b in brokers:
+        name = b["broker"] + (" (this one)" if b.get("self") else "")
+        held = [(role, version, entry) for role, versions in sorted(b["roles"].items())
+                for version, entry in versions.items()]
+        if not held:
+            rows.append((name, "-", "-", "-", "0"))
+        for role, version, entry in held:
+            rows.append((name, role, version, entry["state"], str(entry["instances"])))
+    return [f"cluster: {len(brokers)} broker{'s' * (len(brokers) != 1)}", *table(rows)]
 
 
 def table(rows: list[tuple[str, ...]]) -> list[str]:

@@ -68,3 +68,10 @@ CLOSE_NOT_IN_CERTIFICATE = 4007
 CLOSE_THROTTLED = 4008
 CLOSE_TOO_LARGE = 1009
 CLOSE_GOING_AWAY = 1001
+
+
+class HandOver(NamedTuple):
+    """Cluster: hand one encoded entry to another broker through Redis (`cluster.Cluster`)."""
+
+    broker: str
+    data: bytes

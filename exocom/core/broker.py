@@ -16,6 +16,7 @@ own module:
 | the security adapter of Exocom 0.27 | `security` |
 | a new configuration while running | `reconfigure` |
 | the warning budget per connection | `budget` |
+| several brokers, one fleet: presence, hand-over, answers across brokers | `cluster`, `presence` |
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import orjson
 from .actions import CLOSE_ALREADY_REGISTERED, Close, Log, shown
 from .activities import Generations
 from .budget import WarningBudget
+from .cluster import Cluster
 from .config import Config
 from .deployer import Deployer
 from .deployments import Deployment
@@ -57,6 +59,8 @@ class Broker:
         max_messages_per_second: float = 0.0,
         drain_period: float = 30.0,
         now: float = 0.0,
+        cluster_id: str | None = None,
+        lease: float = 5.0,
     ):
         self.config = config
         self.table = RoutingTable(config)
@@ -84,6 +88,12 @@ class Broker:
         # Per connection, 0 = unlimited; a bucket holds one second's worth (at least one message).
         self.max_rate = max_messages_per_second
         self.rate_burst = max(1.0, max_messages_per_second)
+        # One of several brokers (`exocom serve --cluster`): `cluster_id` names this one.
+        self.cluster = None
+        if cluster_id is not None:
+            self.cluster = self.router.cluster = Cluster(cluster_id, self.router, ttl=activity_ttl, now=now,
+                                                         max_entries=max_activities, lease=lease)
+            self.cluster.join_deployments(self.deployer)
 
     # ------------------------------------------------------------------ events
 
@@ -200,7 +210,13 @@ class Broker:
         self.deployer.deadlines(now, actions)
         self.ramps.tick(now, actions)
         self.states.tick(now, actions)
+        if self.cluster is not None:
+            actions += self.cluster.tick(now)
         return actions
+
+    def handed_over(self, data: bytes, now: float) -> list:
+        """Cluster: an entry another broker handed to this one (`cluster.Cluster.received`)."""
+        return self.cluster.received(data, now)
 
     def record_written(self, record: dict[str, Any], now: float) -> list:
         """The ledger made `record` durable: now act on it."""
@@ -222,15 +238,22 @@ class Broker:
     def rollout(self, role: str, version: str, action: str, now: float) -> list:
         """An operator's pause, resume, promote or abort of a ramp (KeyError: no
         such rollout; ValueError: not possible now, the message says why)."""
+        self._operator(role, version, now)
         return self.ramps.act(role, version, action, now)
 
     def rollback(self, role: str, version: str, now: float) -> list:
         """An operator takes a live version out of production."""
+        self._operator(role, version, now)
         return self.ramps.rollback(role, version, now)
 
     def retry(self, role: str, version: str, now: float) -> list:
         """Re-arm the failed steps of a deployment (operator action)."""
+        self._operator(role, version, now)
         return self.deployer.retry(role, version, now)
+
+    def _operator(self, role: str, version: str, now: float) -> None:
+        if self.cluster is not None:
+            self.cluster.operator_may_act(role, version, now)
 
     def starting(self, now: float) -> list:
         """Log the state of every declared deployment once at startup."""
@@ -263,7 +286,10 @@ class Broker:
         for client in clients:
             for version in client["versions"]:
                 version["share"] = self.share_of(client["role"], version["version"], version["state"])
-        return {"clients": clients, "routes": with_implicit_routes(self.config.to_service_data())}
+        out = {"clients": clients, "routes": with_implicit_routes(self.config.to_service_data())}
+        if self.cluster is not None:
+            out["cluster"] = self.cluster.to_json()
+        return out
 
     def share_of(self, role: str, version: str, state: str) -> float:
         """Percent of the role's new activities that go to this version now."""

@@ -55,6 +55,10 @@ class Deployer:
         self.refresh = lambda role, now, actions: None
         # Set by the broker: the ramps act on the rollout records (ramps.Ramps.record_written).
         self.rollout_written = lambda d, record, now, actions: None
+        # In a cluster (`cluster.Cluster.join_deployments`): whether this broker drives `d` now (holds its lease),
+        # and whether role@version is connected to any broker. One broker: always, and connected here.
+        self.may_drive = lambda d, now: True
+        self.connected = lambda role, version: self.registry.pool(role, version) is not None
 
     def declare(self, config: Config) -> None:
         """Build the deployments `config` declares, each as the ledger's
@@ -211,6 +215,44 @@ class Deployer:
         self._advance(d, now, actions)
         return actions
 
+    def record_seen(self, record: dict[str, Any], now: float) -> list:
+        """Cluster: a record another broker wrote to the shared ledger (it drives that
+        deployment): fold it in so that this broker routes by the same states; drive nothing."""
+        self.records.append(record)
+        d = self.deployment(record["role"], record["version"])
+        actions: list = []
+        if d is None:
+            if self._undeclared_rollback(record):
+                self.refresh(record["role"], now, actions)
+            return actions
+        before = d.state
+        d.apply(record)
+        if record["step"] == dep.ROLLOUT or (record["event"] == dep.STEP_DONE and record["step"] == dep.OFFLINE
+                                             and d.rollout is not None):
+            self.rollout_written(d, record, now, actions)
+        if d.state != before:
+            self._set_state(d, before, now, actions)
+        return actions
+
+    def record_refused(self, record: dict[str, Any], now: float) -> list:
+        """Cluster: the shared ledger refused `record`: this broker no longer holds the
+        deployment's lease (its fencing token is stale). Whoever holds it now drives the
+        deployment from the records in the ledger; nothing here acts on this one."""
+        d = self.deployment(record["role"], record["version"])
+        actions: list = []
+        if d is not None:
+            d.writing, d.queued, d.in_flight = None, [], None
+            if d.taken_out:
+                # Taken out before the record (a failure, an abort) that never made it: the ledger, which
+                # the driver writes, says what the version's state is.
+                d.taken_out = False
+                self.refresh(d.target.role, now, actions)
+        return actions + [Log("warning", "deployment record refused", {
+            "role": record["role"], "version": record["version"], "step": record["step"],
+            "record_event": record["event"], "reason": "this broker does not hold the deployment's driver lease (any "
+            "more): the broker that holds it drives the deployment and runs an unfinished step again; an operator "
+            "action is taken by the broker that drives the deployment (exocom status shows which)"})]
+
     def ledger_lost(self) -> None:
         """The ledger file was deleted or replaced: start no step until `ledger_restored`."""
         self.ledger_ok = False
@@ -263,18 +305,18 @@ class Deployer:
 
     def _advance(self, d: dep.Deployment, now: float, actions: list) -> None:
         """Start the next step of `d` if it is due and can run now."""
-        if d.writing is not None or d.in_flight is not None or not self.ledger_ok:
+        if d.writing is not None or d.in_flight is not None or not self.ledger_ok or not self.may_drive(d, now):
             return
         step = d.next_step()
         if step is None:
             return
-        if not self.registry.pool(d.target.role, d.target.version) or not self.registry.pools.get(d.script_role):
+        if not self.connected(d.target.role, d.target.version) or not self.registry.pools.get(d.script_role):
             return
         self.write(d, d.record(dep.STEP_STARTED, step, now), actions)
 
     def _send_step_start(self, d: dep.Deployment, step: str, attempt: int, now: float, actions: list) -> None:
         scripts = self.registry.pools.get(d.script_role)
-        if not scripts or not self.registry.pool(d.target.role, d.target.version):
+        if not scripts or not self.connected(d.target.role, d.target.version):
             # Lost a party while the record was written; it runs again when both are back.
             actions.append(self._log("warning", "step interrupted", d, step,
                                      reason="the version or its deployment script disconnected before the step began"))

@@ -103,7 +103,8 @@ class Ramps:
 
     def tick(self, now: float, actions: list) -> None:
         for d in self.deployer.deployments.values():
-            if d.state != RAMPING or self._judge(d, now, actions):
+            # In a cluster only the broker that drives `d` judges and steps its ramp.
+            if d.state != RAMPING or not self.deployer.may_drive(d, now) or self._judge(d, now, actions):
                 continue
             if d.paused or d.writing is not None or not self.deployer.ledger_ok or d.ramp_since is None:
                 continue

@@ -55,6 +55,9 @@ class Router:
         self.error_names: dict[str, frozenset[str]] = {}
         # Called with (instance, now, actions) when an instance of a ramping version replies.
         self.ramping_replied = lambda instance, now, actions: None
+        # `cluster.Cluster` when this broker is one of several (`exocom serve --cluster`): consulted only for a
+        # role no local instance takes, an activity member on another broker, or an asker that is not here.
+        self.cluster = None
 
     def route(self, sender: Instance, message: dict, name: str, now: float, actions: list,
               public: str | None = None) -> None:
@@ -100,6 +103,9 @@ class Router:
                 self._deliver(sender, asker, message, public, activity, self._frame(message, response_time, now),
                               {}, actions)
                 return
+            if self.cluster is not None and asker is None and self.cluster.to_asker(
+                    sender, response_to, public, self._frame(message, response_time, now), actions):
+                return
 
         roles = self.table.receivers.get(public)
         if not roles:
@@ -113,7 +119,15 @@ class Router:
         encoded: dict[str, bytes] = {}
         # What places a new activity on a ramping version: the activity, else the message.
         key = activity_id if activity is not None else message_id if message_id.__class__ is str else None
+        cluster = self.cluster
         for role in roles:
+            if cluster is not None and activity is not None and activity.get(role) == 0:
+                # Affinity to an instance on another broker (`cluster.ELSEWHERE`).
+                home = cluster.home(activity_id, role)
+                if home is not None:
+                    cluster.route_away(sender, role, public, activity_id, activity, frame, requirement, key,
+                                       actions, home)
+                    continue
             if deploys is not None and role == deploys.role and (
                 requirement is None or requirement.matches(deploys.version)
             ):
@@ -124,6 +138,9 @@ class Router:
             else:
                 target, reason = self.choice.choose(role, public, activity, requirement, key)
             if target is None:
+                if cluster is not None and cluster.route_away(sender, role, public, activity_id, activity, frame,
+                                                              requirement, key, actions):
+                    continue
                 if missed is None:
                     missed = {}
                 missed[role] = reason

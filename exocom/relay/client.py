@@ -39,7 +39,7 @@ import uuid
 import contextlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import trio
 from trio_websocket import (
@@ -114,10 +114,15 @@ class Relay:
 
     Use `open_relay`; or call `run` in a nursery yourself and `close` it."""
 
-    def __init__(self, url: str, role: str, version: str | None = None, *,
+    def __init__(self, url: str | Sequence[str], role: str, version: str | None = None, *,
                  min_backoff: float = 0.05, max_backoff: float = 5.0, close_timeout: float = 2.0,
                  ssl_context: ssl.SSLContext | None = None, token: str | None = None):
-        self.url = url
+        # Several brokers of one cluster: a list (or "ws://a/services,ws://b/services"); after a failed connect
+        # or a lost connection the next one is tried, so that a dead broker's services move to a live one.
+        self.urls = [u.strip() for u in (url.split(",") if isinstance(url, str) else url) if u.strip()]
+        if not self.urls:
+            raise ValueError("no broker URL given")
+        self.url = self.urls[0]
         # For wss:// URLs: whom to trust and, when the broker asks for one, the client certificate
         # (`tls_context`); None: the system's CAs, no client certificate.
         self.ssl_context = ssl_context
@@ -382,6 +387,7 @@ class Relay:
                 getattr(self.log, level)("relay cannot connect", url=self.url, attempt=failures,
                                          problem=problem or f"closed with code {code} {reason or ''}".strip(),
                                          retry_in_s=backoff)
+            self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
             self._stop_scope = scope = trio.CancelScope()
             if self._closed:
                 return
@@ -547,9 +553,13 @@ def _reraise(exc: BaseException):
 
 
 @asynccontextmanager
-async def open_relay(url: str, role: str, version: str | None = None, *, connect_timeout: float = math.inf,
+async def open_relay(url: str | Sequence[str], role: str, version: str | None = None, *, connect_timeout: float = math.inf,
                      setup: Callable[[Relay], Any] | None = None, **options) -> AsyncIterator[Relay]:
     """A connected, registered relay for the duration of the block.
+
+    `url` may name several brokers of one cluster (a list, or one string with
+    commas): the relay connects to the first and, whenever a connection
+    fails or is lost, tries the next one.
 
     `setup(relay)` is called before the relay connects: register handlers
     there (or `DeploymentScript.attach`) when a message may arrive as soon as

@@ -37,7 +37,7 @@ from wsproto.events import AcceptConnection, RejectConnection
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as HandshakeError
 
-from ..core.actions import CLOSE_GOING_AWAY, CLOSE_TOO_LARGE, Close, Deliver, Log, Redeliver, WriteRecord
+from ..core.actions import CLOSE_GOING_AWAY, CLOSE_TOO_LARGE, Close, Deliver, HandOver, Log, Redeliver, WriteRecord
 from ..core.broker import Broker
 from .closing import CLOSE_TIMEOUT, RECEIVE_SIZE, discard_until_eof, receive_or_eof
 from .frames import BINARY, CLOSE, PING, PONG, TEXT, FrameDecoder, ProtocolError, close_frame, frame, parse_close, text_header
@@ -170,6 +170,7 @@ class Server:
         self.reloader = reloader  # how to read the configuration again (SIGHUP, POST /reload)
         self.reload_lock = trio.Lock()
         self.tls = tls  # None: plaintext (ws://, http://)
+        self.cluster = None  # server.cluster.ClusterLink when clustered (exocom serve --cluster)
 
     # --------------------------------------------------------------- actions
 
@@ -218,6 +219,8 @@ class Server:
                     peer.close(action.code, action.reason)
             elif cls is WriteRecord:
                 self._ledger_send.send_nowait(action.record)
+            elif cls is HandOver:
+                self.cluster.hand_over(action.broker, action.data)
 
     def flush(self) -> None:
         """Writes the outboxes that `apply` filled, each in one system call,
@@ -312,6 +315,8 @@ class Server:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._ticker)
             nursery.start_soon(self._ledger_writer)
+            if self.cluster is not None:
+                await nursery.start(self.cluster.run, self)
             if self.handle_signals:
                 await nursery.start(self._signals, nursery)
             await nursery.start(self._accept, listeners, nursery)
@@ -343,6 +348,10 @@ class Server:
             record = None
             with trio.move_on_after(LEDGER_WATCH_INTERVAL):
                 record = await self._ledger_receive.receive()
+            if self.cluster is not None:  # the ledger is in Redis, written under the deployment's lease
+                if record is not None:
+                    await self.cluster.write_record(self, record)
+                continue
             if self.ledger is not None:
                 await self._write_durably(record)
             if record is not None:

@@ -25,6 +25,9 @@ HINTS = {
               "by the broker's user, not be full or read-only, and not have been moved or replaced; "
               "once fixed the broker is ready again; a ledger file deleted or replaced is written again from "
               "the records the broker holds (log event `ledger rewritten`)",
+    "cluster": "start Redis, or make it reachable from this broker (--cluster URL, --cluster-password-file); "
+               "meanwhile services on this broker still talk to each other, messages for other brokers wait in "
+               "memory up to the bound `buffered`/`dropped` show, and the broker is ready again once Redis answers",
 }
 
 
@@ -44,7 +47,11 @@ async def readiness(server) -> tuple[int, dict[str, Any]]:
     checks["config"] = {"ok": True, "source": config.source, "roles": len(config.roles),
                         "deployments": len(config.deployments())}
 
-    checks["ledger"] = await _ledger_check(server)
+    if server.cluster is not None:
+        # The ledger is in Redis: writable exactly while Redis answers.
+        checks["cluster"] = server.cluster.check()
+    else:
+        checks["ledger"] = await _ledger_check(server)
 
     failing = [name for name, check in checks.items() if not check["ok"]]
     if not failing:

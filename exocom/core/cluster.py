@@ -1,0 +1,294 @@
+"""Several brokers, one fleet: what a broker decides about the others.
+
+A message is routed here first by the rules of one broker (`routing`,
+`choice`): a local receiver is always preferred. Only when no instance here
+can take it for a role does it go to another broker that holds a version of
+that role the rules would pick (`pick`, from the presence table): the message
+is handed over as an entry (`HandOver`) that the shell appends to that
+broker's Redis stream. The receiving broker routes the entry to the one role
+it names, by its own local rules (`received`), exactly once: Redis delivers
+at least once, so entries are deduplicated by message id and role.
+
+Three memories keep one-broker behaviour across brokers, all bounded like the
+router's (`Generations`):
+
+- `homes`: an activity handed to another broker for a role stays there
+  (affinity): the router marks that role's member 0 ("elsewhere") in the
+  activity and asks `home` before choosing locally.
+- `origins`: message id -> the broker it came from, so that an answer with
+  `responseTo` goes back to the broker of the asker (`to_asker`), which
+  delivers it to the asker only.
+- `seen`: the (message id, role) pairs delivered from other brokers.
+
+Plain data in, actions out: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import orjson
+
+from .actions import HandOver, Log
+from .leases import DriverLeases
+from .activities import LAST_SEEN, Generations, new_activity
+from .presence import Presence, holding_of
+from .registry import LIVE, RAMPING, SERVING, Instance
+from .versions import InvalidRequirement, InvalidVersion, Requirement, Version
+
+_dumps = orjson.dumps
+_loads = orjson.loads
+_OPT = orjson.OPT_UTC_Z
+ELSEWHERE = 0  # an activity member on another broker (connection ids start at 1)
+
+
+class RemoteSender(NamedTuple):
+    """The sender of a handed-over message, as the router's delivery log names it."""
+
+    role: str
+    version: str
+
+
+class Cluster:
+    def __init__(self, me: str, router, *, ttl: float, now: float, max_entries: int, lease: float) -> None:
+        self.me = me
+        self.router = router
+        self.presence = Presence(me)
+        self.leases = DriverLeases(me, lease)
+        self.deployer = None
+        self.homes = Generations(ttl, now, max_entries)  # (activity id, role) -> broker
+        self.origins = Generations(ttl, now, max_entries)  # message id -> broker of its sender
+        self.seen = Generations(ttl, now, max_entries)  # (message id, role) -> True
+        self._next = 0  # round robin over the brokers that hold the chosen version
+        self.handed_over = 0
+        self.received_entries = 0
+        self.duplicates = 0
+
+    # ------------------------------------------------------------ deployments
+
+    def join_deployments(self, deployer) -> None:
+        """Deployments are driven cluster-wide: by the broker that holds a deployment's lease,
+        with the version it deploys connected to any broker."""
+        self.deployer = deployer
+        deployer.may_drive = lambda d, now: self.leases.may_drive(str(d.target), now)
+        deployer.connected = self.connected
+
+    def connected(self, role: str, version: Version) -> bool:
+        if self.router.registry.pool(role, version) is not None:
+            return True
+        text = str(version)
+        return any(v == text for _, v, _ in self.presence.holders(role))
+
+    def wanted_leases(self) -> list[str]:
+        """The deployments this broker should drive: unfinished with their script connected here, or
+        ramping with instances of the version here (a ramp goes on after its script is gone; its gates
+        judge the driver's own figures)."""
+        registry = self.router.registry
+        return [str(d.target) for d in self.deployer.deployments.values()
+                if (registry.pools.get(d.script_role) and (d.next_step() is not None or d.state == RAMPING))
+                or (d.state == RAMPING and registry.pool(d.target.role, d.target.version) is not None)]
+
+    def operator_may_act(self, role: str, version: str, now: float) -> None:
+        """ValueError (HTTP 409) when another broker drives role@version: the action goes to that one.
+        A deployment nobody drives (no script connected anywhere) may be acted on from any broker."""
+        name = f"{role}@{version}"
+        holder = self.leases.holders.get(name)
+        if holder is not None and not self.leases.may_drive(name, now):
+            raise ValueError(f"{name} is driven by broker {holder!r} now: send the action to that broker "
+                             "(exocom status on it)")
+
+    def leases_answered(self, answers: list[tuple[str, int | None, str | None]], sent_at: float, now: float) -> list:
+        actions: list = []
+        asked = {name for name, _, _ in answers}
+        for name in [n for n in self.leases.holders if n not in asked]:
+            del self.leases.holders[name]  # not asked any more: who holds it is not known here now
+        for name, token, holder in answers:
+            actions += self.leases.answered(name, token, holder, sent_at, now)
+        self.deployer.advance_all(now, actions)  # a lease taken: its due step starts
+        return actions
+
+    def leases_released(self, names: list[str]) -> list:
+        for name in names:
+            self.leases.released(name)
+        return [Log("info", "deployment driver lease released", {"deployment": name}) for name in names]
+
+    def records_seen(self, records: list[dict[str, Any]], now: float) -> list:
+        actions: list = []
+        for record in records:
+            actions += self.deployer.record_seen(record, now)
+        return actions
+
+    def record_refused(self, record: dict[str, Any], now: float) -> list:
+        self.leases.released(f"{record['role']}@{record['version']}")
+        return self.deployer.record_refused(record, now)
+
+    # ------------------------------------------------------------ sending side
+
+    def home(self, activity_id: str, role: str) -> str | None:
+        """The broker that holds `role`'s member of this activity, if it is still there."""
+        broker = self.homes.get((activity_id, role))
+        return broker if broker in self.presence.holdings else None
+
+    def pick(self, role: str, public: str, requirement: Requirement | None) -> str | None:
+        """Another broker with a version of `role` that receives `public` and that the routing
+        rules would choose (`choice`): the newest satisfying (else ramping) version for a
+        requirement, else the newest live (else a ramping) one."""
+        table = self.router.table.roles.get(role)
+        if table is None:
+            return None
+        best: tuple[tuple[int, Version], list[str]] | None = None
+        for broker, text, entry in self.presence.holders(role):
+            state = entry["state"]
+            try:
+                version = Version(text)
+            except InvalidVersion:
+                continue
+            if requirement is not None:
+                if not requirement.matches(version):
+                    continue
+                rank = 1 if state in SERVING else 0 if state == RAMPING else None
+            else:
+                rank = 1 if state == LIVE else 0 if state == RAMPING else None
+            if rank is None or public not in table.profile_for(version).receives:
+                continue
+            key = (rank, version)
+            if best is None or key > best[0]:
+                best = (key, [broker])
+            elif key == best[0]:
+                best[1].append(broker)
+        if best is None:
+            return None
+        brokers = best[1]
+        self._next = (self._next + 1) % len(brokers)
+        return brokers[self._next]
+
+    def pick_exact(self, role: str, version: Version, public: str) -> str | None:
+        """Another broker with instances of exactly role@version, in any state (a deployment
+        script talks to the version it deploys, held or not)."""
+        table = self.router.table.roles.get(role)
+        if table is None or public not in table.profile_for(version).receives:
+            return None
+        text = str(version)
+        brokers = [broker for broker, v, _ in self.presence.holders(role) if v == text]
+        if not brokers:
+            return None
+        self._next = (self._next + 1) % len(brokers)
+        return brokers[self._next]
+
+    def hand_over(self, broker: str, sender: Instance, role: str | None, public: str, frame: dict,
+                  requirement: Requirement | None, key: str | None, actions: list, exact: Version | None = None) -> None:
+        """`role` None: an answer for the asker on `broker`; `exact`: to that version of `role`."""
+        entry = {"o": self.me, "r": role, "p": public, "v": requirement.text if requirement else None, "k": key,
+                 "s": sender.role, "sv": str(sender.version), "f": frame}
+        if exact is not None:
+            entry["x"] = str(exact)
+        actions.append(HandOver(broker, _dumps(entry, option=_OPT)))
+        self.handed_over += 1
+
+    def route_away(self, sender: Instance, role: str, public: str, activity_id: str | None, activity: dict | None,
+                   frame: dict, requirement: Requirement | None, key: str | None, actions: list,
+                   broker: str | None = None) -> bool:
+        """No instance here takes `public` for `role`: hand it to a broker that has one
+        (`broker` when affinity already named it). False: no broker has one."""
+        exact = None
+        deploys = self.router.script_targets.get(sender.role)
+        if deploys is not None and role == deploys.role and (requirement is None or requirement.matches(deploys.version)):
+            exact = deploys.version  # as `Router.route` does for a deployment script
+        if broker is None:
+            broker = (self.pick_exact(role, exact, public) if exact is not None
+                      else self.pick(role, public, requirement))
+            if broker is None:
+                return False
+        if activity is not None:
+            activity[role] = ELSEWHERE
+            self.homes.put((activity_id, role), broker)
+        self.hand_over(broker, sender, role, public, frame, requirement, key, actions, exact)
+        return True
+
+    def to_asker(self, sender: Instance, response_to: str, public: str, frame: dict, actions: list) -> bool:
+        """An answer to a message that came from another broker goes back there."""
+        broker = self.origins.get(response_to)
+        if broker is None or broker not in self.presence.holdings:
+            return False
+        self.hand_over(broker, sender, None, public, frame, None, None, actions)
+        return True
+
+    # ---------------------------------------------------------- receiving side
+
+    def received(self, data: bytes, now: float) -> list:
+        """One entry another broker handed to this one."""
+        actions: list = []
+        try:
+            entry = _loads(data)
+            frame, role, public, origin = entry["f"], entry["r"], entry["p"], entry["o"]
+            message_id = frame["id"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return [Log("error", "cluster entry unreadable", {
+                "reason": "an entry in this broker's stream is not one a broker wrote; it is dropped (another "
+                          "program writes to the stream, or brokers of different versions share the cluster)"})]
+        self.received_entries += 1
+        seen_key = (message_id, role)
+        if self.seen.get(seen_key) is not None:
+            self.duplicates += 1
+            return []
+        self.seen.put(seen_key, True)
+        router = self.router
+        sender = RemoteSender(entry.get("s", "?"), entry.get("sv", "?"))
+        activity_id = frame.get("activityId")
+        activity = router.activities.get(activity_id) if activity_id.__class__ is str else None
+        if activity is not None:
+            activity[LAST_SEEN] = now
+        elif activity_id.__class__ is str:
+            # Its first message on this broker: from here on, affinity and reply figures as for a local one.
+            router.activities.put(activity_id, new_activity(now))
+            activity = router.activities.get(activity_id)
+        if role is None:
+            # An answer: to the asker only, as on one broker.
+            asker = router.registry.by_conn.get(router.commands.get(frame.get("responseTo")))
+            if asker is not None and public in asker.profile.receives:
+                router._deliver(sender, asker, frame, public, activity, frame, {}, actions)
+                return actions
+            roles = router.table.receivers.get(public, ())
+        else:
+            self.origins.put(message_id, origin)
+            roles = (role,)
+        requirement = None
+        if entry.get("v") is not None:
+            try:
+                requirement = Requirement(entry["v"])
+            except InvalidRequirement:
+                pass
+        missed = {}
+        exact = entry.get("x")
+        for role in roles:
+            if exact is not None:
+                target = router._pick_in_pool(router.registry.pool(role, Version(exact)), public)
+                reason = "" if target is not None else f"{role}@{exact} has no instance connected here"
+            else:
+                target, reason = router.choice.choose(role, public, activity, requirement, entry.get("k"))
+            if target is None:
+                missed[role] = reason
+                continue
+            router._deliver(sender, target, frame, public, activity, frame, {}, actions)
+        if missed:
+            actions.append(Log("warning", "message undeliverable", {
+                "sender": sender.role, "name": public, "activity_id": activity_id, "from_broker": origin,
+                "missed": missed, "reason": "handed over from another broker, but no instance here takes it now"}))
+        return actions
+
+    # ---------------------------------------------------------------- upkeep
+
+    def tick(self, now: float) -> list:
+        self.homes.rotate_if_due(now)
+        self.origins.rotate_if_due(now)
+        self.seen.rotate_if_due(now)
+        return self.presence.expire(now) + self.leases.expire(now)
+
+    def holding(self) -> dict[str, Any]:
+        return holding_of(self.router.registry)
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.presence.to_json(self.holding())
+        out.update(handedOver=self.handed_over, received=self.received_entries, duplicates=self.duplicates,
+                   leases=self.leases.to_json())
+        return out

@@ -1,0 +1,159 @@
+"""Deployments across a cluster, over real sockets: real brokers sharing a real
+valkey-server, the deployment script and the versions on different brokers,
+a driver broker killed (-9) or paused (SIGSTOP) in the middle of a step."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from fleet import NEW, OLD, ScriptLog, ask, deployment, deployment_script, http, steps, todos, todos_states, \
+    wait_deployment, wait_until, web
+from processes import ROOT, free_port
+from test_cluster_e2e import cluster_of, held, valkey, wait_holders  # noqa: F401 (a fixture)
+from valkey_server import Valkey
+
+pytest.importorskip("coredis")
+
+
+def ledger(valkey: Valkey) -> list[dict]:
+    from exocom.server.cluster import LEDGER
+    return [json.loads(entry) for entry in valkey.command("LRANGE", LEDGER, "0", "-1")]
+
+
+async def test_a_broker_killed_mid_deployment_another_one_finishes_it(tmp_path, valkey):
+    with cluster_of(tmp_path, valkey) as (a, b, c):
+        release = trio.Event()
+        answers = []
+
+        async def offline(relay):
+            # The version it deploys is held on another broker (c): the script still reaches it.
+            answers.append((await relay.request("todos.list", {"tag": "script"}, timeout=5)).payload["version"])
+            await release.wait()
+
+        log = ScriptLog()
+        async with todos(a.url, OLD, []), todos(c.url, NEW, []), web(a.url) as client:
+            await wait_holders(b, "todos", {"a", "c"})
+            # The script connects to b first, to a when b is gone.
+            async with deployment_script([b.url, a.url], log, offline=offline):
+                assert await log.wait_starts(1, timeout=10) == [("offline", 1)]
+                await wait_until(lambda: answers == [NEW], "the script to reach the held version")
+                assert await todos_states(c.port) == {NEW: "held"}
+                for i in range(3):  # production traffic meanwhile: the old version only
+                    assert await ask(client, f"held-{i}") == OLD
+                b.kill(signal.SIGKILL)
+                # a takes the lease once b's has passed (3 s), and runs the step again, as after a restart.
+                starts = await log.wait_starts(2, timeout=15)
+                assert starts[1] == ("offline", 2)
+                release.set()
+                d = await wait_deployment(a.port, lambda d: d["finished"], "the deployment to finish through a",
+                                          timeout=15)
+                assert steps(d) == {"offline": ("done", 2), "online": ("done", 1)}
+            await wait_until(lambda: _states(c) == {NEW: "live"}, "c to see the version live")
+            await wait_until(lambda: held(a, "c") == {NEW: "live"}, "a to see c's version live")
+            assert await ask(client, "pinned", version="2") == NEW  # from a, through c
+        events = [e["event"] for e in a.events()]
+        assert "deployment driver lease taken" in events and "deployment finished" in events
+        drivers = {(e["by"], e["token"]) for e in ledger(valkey)}
+        assert {by for by, _ in drivers} == {"b", "a"}
+
+
+def _states(broker) -> dict:
+    clients = (broker.get("/config.json") or {"clients": []})["clients"]
+    return {v["version"]: v["state"] for c in clients if c["role"] == "todos" for v in c["versions"]}
+
+
+async def test_a_broker_paused_past_its_lease_cannot_record_the_step_it_was_driving(tmp_path, valkey):
+    with cluster_of(tmp_path, valkey, ("a", "b")) as (a, b):
+        release = trio.Event()
+
+        async def offline(relay):
+            await release.wait()
+
+        on_b, on_a = ScriptLog(), ScriptLog()
+        async with todos(a.url, NEW, []), deployment_script(b.url, on_b, offline=offline):
+            assert await on_b.wait_starts(1, timeout=10) == [("offline", 1)]
+            b.process.send_signal(signal.SIGSTOP)
+            try:
+                # Another instance of the script on a: a takes the lease after b's passed and starts attempt 2.
+                async with deployment_script(a.url, on_a, offline=offline):
+                    assert await on_a.wait_starts(1, timeout=15) == [("offline", 2)]
+                    b.process.send_signal(signal.SIGCONT)
+                    release.set()  # both scripts answer: b's under its old token, a's under the new one
+                    d = await wait_deployment(a.port, lambda d: d["finished"], "the deployment to finish", timeout=15)
+                    assert steps(d) == {"offline": ("done", 2), "online": ("done", 1)}
+                    await wait_until(lambda: "deployment record fenced" in [e["event"] for e in b.events()],
+                                     "b's late record to be refused by the ledger", timeout=10)
+            finally:
+                b.process.send_signal(signal.SIGCONT)
+        records = ledger(valkey)
+        done = [e for e in records if e["record"]["event"] == "done" and e["record"]["step"] == "offline"]
+        assert [(e["by"], e["record"]["attempt"]) for e in done] == [("a", 2)]
+        tokens = {e["by"]: e["token"] for e in records}
+        assert tokens["a"] > tokens["b"]
+
+
+async def test_redis_away_pauses_a_deployment_which_resumes_from_the_ledger_when_redis_is_back(tmp_path, valkey):
+    from exocom.server.cluster import LEASE_TTL
+    with cluster_of(tmp_path, valkey, ("a", "b")) as (a, b):
+        release = trio.Event()
+
+        async def offline(relay):
+            await release.wait()
+
+        log = ScriptLog()
+        async with todos(b.url, NEW, []), deployment_script(a.url, log, offline=offline):
+            assert await log.wait_starts(1, timeout=10) == [("offline", 1)]
+            valkey.stop()
+            release.set()  # the script answers while Redis is away: not recorded, so nothing advances
+            await trio.sleep(LEASE_TTL + 1)
+            d = await deployment(a.port)
+            assert d["state"] == "held" and steps(d) == {"offline": ("started", 1), "online": ("pending", 0)}
+            assert log.starts == [("offline", 1)]
+            status, body = await http(a.port, "GET", "/readyz")
+            assert status == 503 and body["failing"] == ["cluster"]
+            valkey.start()
+            # The lease passed while Redis was away: the late record is refused, a takes the lease again
+            # and runs the step again, as after a restart.
+            d = await wait_deployment(a.port, lambda d: d["finished"], "the deployment to finish", timeout=20)
+            assert steps(d) == {"offline": ("done", 2), "online": ("done", 1)}
+        events = [e["event"] for e in a.events()]
+        assert "deployment driver lease expired" in events and "deployment record fenced" in events
+
+
+async def test_a_failed_deployment_nobody_drives_is_retried_from_any_broker(tmp_path, valkey):
+    from exocom.server.cluster import LEASE_TTL
+
+    async def offline(relay):
+        raise RuntimeError("the migration broke")
+
+    with cluster_of(tmp_path, valkey, ("a", "b")) as (a, b):
+        async with todos(b.url, NEW, []):
+            async with deployment_script(a.url, ScriptLog(), offline=offline):
+                await wait_deployment(b.port, lambda d: steps(d)["offline"] == ("failed", 1), "b to see it failed",
+                                      timeout=10)
+            await trio.sleep(LEASE_TTL + 0.5)  # a drives nothing now: its lease is handed back (or passes)
+            status, body = await http(b.port, "POST", f"/deployments/todos@{NEW}/retry")
+            assert status == 202, body
+            d = await wait_deployment(a.port, lambda d: steps(d)["offline"][0] == "pending", "a to see the retry")
+            assert d["state"] == "held"
+        assert [e["by"] for e in ledger(valkey) if e["record"]["event"] == "rearmed"] == ["b"]
+
+
+def test_a_redis_that_does_not_persist_is_refused_with_what_to_set(tmp_path):
+    volatile = Valkey(tmp_path / "valkey", persistent=False).start()
+    try:
+        command = [sys.executable, "-m", "exocom", "serve", "--cluster", volatile.url, "--port", str(free_port()),
+                   "--host", "127.0.0.1", "--state-dir", str(tmp_path / "state"), "--log-format", "json"]
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert refused.returncode == 2
+        [error] = [json.loads(line) for line in refused.stdout.splitlines() if '"exocom cannot start"' in line]
+        assert "appendonly yes" in error["error"] and "appendfsync always" in error["error"]
+        assert "--cluster-volatile-ledger" in error["error"]
+    finally:
+        volatile.stop()
