@@ -459,7 +459,7 @@ class Server:
             upgraded = await self._handle_http(stream, address)
             if upgraded is not None:
                 # Here, not inside _handle_http: the HTTP parser and the handshake are freed for the connection's
-                # lifetime (they were a quarter of an idle connection's memory).
+                # lifetime (they were a third of an idle connection's memory).
                 bearer, leftover = upgraded
                 await self._websocket(stream, address, bearer, leftover, cert_roles)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
