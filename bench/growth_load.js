@@ -16,10 +16,8 @@
 // deliveries in it (2 per request), and its RSS.
 'use strict';
 
-const http = require('http');
-const crypto = require('crypto');
 const fs = require('fs');
-const WebSocket = require('ws');
+const { sleep, nowS, uuid, configUrlOf, waitRegistered, Clients } = require('./wire_clients');
 
 function parseArgs(argv) {
   const a = { url: null, idleRoles: 8, instances: 100, users: 1, rate: 1000, seconds: 10, warmup: 3, pid: null,
@@ -41,15 +39,11 @@ function parseArgs(argv) {
     }
   }
   if (!a.url) throw new Error('--url is required');
-  const u = new URL(a.url);
-  a.configUrl = `http://${u.hostname}:${u.port}/config.json`;
+  a.configUrl = configUrlOf(a.url);
   return a;
 }
 
 const nowNs = () => process.hrtime.bigint();
-const nowS = () => Number(process.hrtime.bigint()) / 1e9;
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const uuid = () => crypto.randomUUID();
 const log = (...m) => process.stderr.write(m.join(' ') + '\n');
 
 function procCpuS(pid) { // utime + stime in seconds (100 ticks per second)
@@ -63,46 +57,6 @@ function procRssKb(pid) {
   return m ? Number(m[1]) : null;
 }
 
-function getJson(url) {
-  return new Promise((resolve) => {
-    const req = http.get(url, { timeout: 5000 }, (res) => {
-      let body = '';
-      res.setEncoding('utf8');
-      res.on('data', (d) => (body += d));
-      res.on('end', () => { try { resolve(JSON.parse(body)); } catch (e) { resolve(null); } });
-    });
-    req.on('timeout', () => req.destroy());
-    req.on('error', () => resolve(null));
-  });
-}
-
-async function waitRegistered(a, expected, timeoutS) {
-  const t0 = nowS();
-  for (;;) {
-    const cfg = await getJson(a.configUrl);
-    const have = {};
-    for (const c of (cfg && cfg.clients) || []) have[c.role] = c.instances;
-    if (Object.entries(expected).every(([r, n]) => (have[r] || 0) === n)) return nowS() - t0;
-    if (nowS() - t0 > timeoutS) throw new Error(`registration not confirmed: ${JSON.stringify(have)}`);
-    await sleep(100);
-  }
-}
-
-let stopping = false;
-const stats = { closes: 0, errors: 0 };
-
-function connect(a, role) {
-  return new Promise((resolve, reject) => {
-    const ws = new WebSocket(a.url, { perMessageDeflate: false });
-    ws.on('open', () => {
-      ws.send(JSON.stringify({ name: 'exocom.register-service', sender: role, id: uuid() }));
-      resolve(ws);
-    });
-    ws.on('error', (e) => { stats.errors++; if (stats.errors <= 3) log(`ws error (${role}): ${e.message}`); reject(e); });
-    ws.on('close', () => { if (!stopping) stats.closes++; });
-  });
-}
-
 function percentile(sorted, p) {
   if (!sorted.length) return null;
   return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1))];
@@ -110,6 +64,7 @@ function percentile(sorted, p) {
 
 async function main() {
   const a = parseArgs(process.argv);
+  const clients = new Clients(a.url, (role, e, errors) => { if (errors <= 3) log(`ws error (${role}): ${e.message}`); });
   const t0 = nowS();
   const idle = [];
   const expected = {};
@@ -118,16 +73,16 @@ async function main() {
     const batch = await Promise.all(Array.from({ length: n }, (_, k) => {
       const role = `i${(i + k) % a.idleRoles}`;
       expected[role] = (expected[role] || 0) + 1;
-      return connect(a, role);
+      return clients.connect(role);
     }));
     idle.push(...batch);
   }
-  const web = await connect(a, 'web');
+  const web = await clients.connect('web');
   const users = [];
-  for (let k = 0; k < a.users; k++) users.push(await connect(a, 'users'));
+  for (let k = 0; k < a.users; k++) users.push(await clients.connect('users'));
   expected.web = 1;
   expected.users = a.users;
-  const registerS = await waitRegistered(a, expected, 120);
+  const registerS = await waitRegistered(a.configUrl, expected, { timeoutS: 120, pollMs: 100, requestTimeoutMs: 5000 });
   const connectS = nowS() - t0;
   const rssIdleKb = a.pid ? procRssKb(a.pid) : null;
 
@@ -201,7 +156,7 @@ async function main() {
     p999_us: r(percentile(lat, 99.9)), max_us: r(lat[lat.length - 1]),
     lost: pending.size, unknown_replies: unknown,
     loadgen_cpu_pct: +(((lgCpu.user + lgCpu.system) / 1e6 / windowS) * 100).toFixed(1),
-    ws_closed_unexpectedly: stats.closes, ws_errors: stats.errors,
+    ws_closed_unexpectedly: clients.closes, ws_errors: clients.errors,
   };
   if (a.pid) {
     out.broker_cpu_s = +(cpu1 - cpu0).toFixed(2);
@@ -210,7 +165,7 @@ async function main() {
     out.broker_rss_idle_kb = rssIdleKb;
     out.broker_rss_kb = procRssKb(a.pid);
   }
-  stopping = true;
+  clients.stopping = true;
   process.stdout.write(JSON.stringify(out) + '\n');
   process.exit(0);
 }

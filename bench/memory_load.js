@@ -17,9 +17,7 @@
 //   node memory_load.js --url ws://127.0.0.1:PORT/services --mode fresh --seconds 180
 'use strict';
 
-const http = require('http');
-const crypto = require('crypto');
-const WebSocket = require('ws');
+const { sleep, nowS, uuid, configUrlOf, waitRegistered, Clients } = require('./wire_clients');
 
 function parseArgs(argv) {
   const a = { url: null, mode: 'fresh', pool: 1000, seconds: 180, senders: 4, receivers: 4, window: 32,
@@ -41,58 +39,15 @@ function parseArgs(argv) {
   }
   if (!a.url) throw new Error('--url is required');
   if (!['fresh', 'pool', 'none'].includes(a.mode)) throw new Error(`unknown --mode ${a.mode}`);
-  const u = new URL(a.url);
-  a.configUrl = `http://${u.hostname}:${u.port}/config.json`;
+  a.configUrl = configUrlOf(a.url);
   return a;
 }
 
-const uuid = () => crypto.randomUUID();
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const nowS = () => Number(process.hrtime.bigint()) / 1e9;
 const say = (o) => process.stdout.write(JSON.stringify(o) + '\n');
-
-function getJson(url) {
-  return new Promise((resolve) => {
-    const req = http.get(url, { timeout: 1000 }, (res) => {
-      let body = '';
-      res.setEncoding('utf8');
-      res.on('data', (d) => (body += d));
-      res.on('end', () => { try { resolve(JSON.parse(body)); } catch (e) { resolve(null); } });
-    });
-    req.on('timeout', () => req.destroy());
-    req.on('error', () => resolve(null));
-  });
-}
-
-async function waitRegistered(a, expected) {
-  const t0 = nowS();
-  for (;;) {
-    const cfg = await getJson(a.configUrl);
-    const have = {};
-    for (const c of (cfg && cfg.clients) || []) have[c.role] = c.instances;
-    if (Object.entries(expected).every(([r, n]) => (have[r] || 0) === n)) return;
-    if (nowS() - t0 > 10) throw new Error(`not registered after 10 s: ${JSON.stringify(have)}`);
-    await sleep(20);
-  }
-}
-
-let stopping = false;
-const errors = { closes: 0, errors: 0 };
-
-function connect(a, role) {
-  return new Promise((resolve, reject) => {
-    const ws = new WebSocket(a.url, { perMessageDeflate: false });
-    ws.on('open', () => {
-      ws.send(JSON.stringify({ name: 'exocom.register-service', sender: role, id: uuid() }));
-      resolve(ws);
-    });
-    ws.on('error', (e) => { errors.errors++; reject(e); });
-    ws.on('close', () => { if (!stopping) errors.closes++; });
-  });
-}
 
 async function main() {
   const a = parseArgs(process.argv);
+  const clients = new Clients(a.url);
   const pad = 'x'.repeat(Math.max(0, a.payloadBytes - 40));
   const pool = a.mode === 'pool' ? Array.from({ length: a.pool }, uuid) : null;
   let next = 0;
@@ -102,9 +57,10 @@ async function main() {
 
   const senders = [];
   const receivers = [];
-  for (let i = 0; i < a.senders; i++) senders.push({ ws: await connect(a, 'web'), idx: i, out: 0 });
-  for (let j = 0; j < a.receivers; j++) receivers.push(await connect(a, 'users'));
-  await waitRegistered(a, { web: a.senders, users: a.receivers });
+  for (let i = 0; i < a.senders; i++) senders.push({ ws: await clients.connect('web'), idx: i, out: 0 });
+  for (let j = 0; j < a.receivers; j++) receivers.push(await clients.connect('users'));
+  await waitRegistered(a.configUrl, { web: a.senders, users: a.receivers },
+    { timeoutS: 10, pollMs: 20, requestTimeoutMs: 1000 });
 
   let sent = 0;
   let delivered = 0;
@@ -151,8 +107,9 @@ async function main() {
   running = false;
   const tDrain = nowS();
   while (delivered < sent && nowS() - tDrain < a.drain) await sleep(10);
-  stopping = true;
-  say({ t: +(nowS() - t0).toFixed(3), sent, delivered, lost: sent - delivered, done: true, ...errors,
+  clients.stopping = true;
+  say({ t: +(nowS() - t0).toFixed(3), sent, delivered, lost: sent - delivered, done: true,
+    closes: clients.closes, errors: clients.errors,
     loadgen_cpu_s: +((process.cpuUsage().user + process.cpuUsage().system) / 1e6).toFixed(2) });
   for (const ws of [...senders.map((s) => s.ws), ...receivers]) ws.terminate();
   process.exit(0);
