@@ -8,12 +8,14 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from core import Harness
 from exocom.core.actions import HandOver
+from exocom.core.choice import BUCKETS, bucket_of
 from exocom.core.cluster import Cluster
 from exocom.core.leases import MARGIN, DriverLeases
 from exocom.core.presence import Presence
@@ -54,7 +56,7 @@ def publish(nodes: list[Node]) -> None:
     for node in nodes:
         for other in nodes:
             if other is not node:
-                node.run(node.cluster.presence.seen(other.name, other.cluster.holding(), node.now + LEASE, node.now))
+                node.run(node.cluster.presence_seen(other.name, other.cluster.holding(), node.now + LEASE, node.now))
 
 
 def carry(nodes: list[Node]) -> int:
@@ -160,6 +162,44 @@ def test_a_version_requirement_picks_the_broker_with_a_satisfying_version(nodes)
     assert [h.broker for h in a.handed] == ["c"]
 
 
+def state_here(node: Node, version: str) -> str:
+    return next(p.state for p in node.broker.registry.pools["todos"] if str(p.version) == version)
+
+
+def test_a_newer_version_live_on_another_broker_is_the_stable_one_everywhere(nodes):
+    """As on one broker: the newest live version takes new activities, an older one only drains."""
+    a, _, c = nodes
+    web, (old, new) = fleet(nodes, (a, "1.0.0"), (c, "2.0.0"))
+    assert state_here(a, "1.0.0") == "draining" and "version draining" in a.events("info")
+    for _ in range(3):
+        a.send(web, "todos.list")
+    assert [h.broker for h in a.handed] == ["c"] * 3 and a.take(old) == []
+    carry(nodes)
+    assert len(c.take(new)) == 3
+    a.send(web, "todos.list", version="1")  # a requirement only the old version satisfies: it stays here
+    assert a.handed == [] and len(a.take(old)) == 1
+    # The new version's broker leaves: the old version is the stable one again, here.
+    a.run(a.cluster.presence_left("c", a.now))
+    assert state_here(a, "1.0.0") == "live" and "version live again" in a.events("info")
+    a.send(web, "todos.list")
+    assert a.handed == [] and len(a.take(old)) == 1
+
+
+def test_the_same_version_here_and_elsewhere_stays_here(nodes):
+    a, b, _ = nodes
+    web, (here, _, _) = fleet(nodes, (a, "2.0.0"), (b, "2.0.0"), (b, "1.0.0"))
+    assert state_here(a, "2.0.0") == "live"
+    a.send(web, "todos.list")
+    assert a.handed == [] and len(a.take(here)) == 1
+
+
+def test_a_requirement_picks_the_newest_satisfying_version_of_the_cluster(nodes):
+    a, b, _ = nodes
+    web, (old, _) = fleet(nodes, (a, "1.0.0"), (b, "1.5.0"))
+    a.send(web, "todos.list", version="1")
+    assert [h.broker for h in a.handed] == ["b"] and a.take(old) == []
+
+
 def test_brokers_share_the_load_of_one_version(nodes):
     a, b, c = nodes
     web, _ = fleet(nodes, (b, "1.0.0"), (c, "1.0.0"))
@@ -238,14 +278,15 @@ def test_presence_ignores_itself_and_stale_announcements():
 
 class PresenceMachine(RuleBasedStateMachine):
     """Whatever order announcements, departures and the clock come in: a broker is
-    known exactly while its latest lease has not passed and it did not leave."""
+    known exactly while its latest lease has not passed and it did not leave, and
+    every change of what the others hold is flagged."""
 
     def __init__(self):
         super().__init__()
         self.presence = Presence("me")
         self.now = 0.0
         self.leases: dict[str, float] = {}
-        self.generation = 0
+        self.holders_before: list = []
 
     @rule(broker=st.sampled_from(["x", "y", "z", "me"]), ahead=st.floats(-1.0, 3.0),
           instances=st.integers(0, 2))
@@ -270,8 +311,12 @@ class PresenceMachine(RuleBasedStateMachine):
     @invariant()
     def known_exactly_while_leased(self):
         assert set(self.presence.holdings) == set(self.leases)
-        assert self.presence.generation >= self.generation
-        self.generation = self.presence.generation
+        # Every change of who holds what is flagged, for the versions' states to be recomputed.
+        holders = sorted(self.presence.holders("todos"), key=str)
+        if holders != self.holders_before:
+            assert "todos" in self.presence.changed
+        self.presence.changed.clear()
+        self.holders_before = holders
         assert all(b != "me" for b, _, _ in self.presence.holders("todos"))
 
 
@@ -350,9 +395,12 @@ def test_no_step_advances_once_the_lease_expired_and_a_late_record_is_dropped_wh
 RAMP = {"steps": [10, 50, 100], "interval": 60, "gates": {"minSamples": 1}}
 
 
-def ramped(*versions_on_b: str) -> tuple[Node, Node, int]:
-    """a drives a ramp of todos NEW (the script on a, these versions of todos on b), its offline step done."""
+def ramped(*versions_on_b: str, on_a: tuple[str, ...] = ()) -> tuple[Node, Node, int]:
+    """a drives a ramp of todos NEW (the script and versions `on_a` on a, these versions of todos on b),
+    its offline step done."""
     a, b = Node("a", deployment_routes(rollout=RAMP)), Node("b", deployment_routes(rollout=RAMP))
+    for version in on_a:
+        a.connect("todos", version)
     for version in versions_on_b:
         b.connect("todos", version)
     script = a.connect("todos-deployment")
@@ -375,6 +423,24 @@ def test_a_ramps_share_is_the_same_on_a_broker_that_only_follows_the_ledger():
         b.send(web, "todos.list", activity=f"ramp-{i}")
     new_conn = next(i.conn for i in b.broker.registry.instances_of("todos") if str(i.version) == NEW)
     assert 5 <= len(b.take(new_conn)) <= 40
+
+
+def test_a_ramps_share_is_cluster_wide_and_an_activity_lands_on_one_version_whichever_broker_places_it():
+    """The old version here on a, the ramping one only on b: a hands b the ramp's share."""
+    a, b, _ = ramped(NEW, on_a=(OLD,))
+    b.run(b.broker.cluster.records_seen(a.ledger, b.now))
+    assert a.broker.deployment("todos", NEW).share == 10.0
+    web_a, web_b = a.connect("web"), b.connect("web")
+    activities = [f"ramp-{i}" for i in range(300)]
+    for activity in activities:
+        a.send(web_a, "todos.list", activity=activity)
+        b.send(web_b, "todos.list", activity=activity)
+    to_new_from_a = {entry["f"]["activityId"] for entry in map(orjson.loads, (h.data for h in a.handed))}
+    new_conn = b.broker.registry.instances_of("todos")[0].conn
+    to_new_on_b = {m["activityId"] for m in b.take(new_conn)}
+    assert to_new_from_a == to_new_on_b == {x for x in activities if bucket_of(x) < BUCKETS // 10}
+    assert 10 <= len(to_new_on_b) <= 60
+    assert {h.broker for h in a.handed} == {"b"} and {h.broker for h in b.handed} == {"a"}
 
 
 def test_an_operator_action_goes_to_the_broker_that_drives_the_deployment():

@@ -94,6 +94,8 @@ class Broker:
             self.cluster = self.router.cluster = Cluster(cluster_id, self.router, ttl=activity_ttl, now=now,
                                                          max_entries=max_activities, lease=lease)
             self.cluster.join_deployments(self.deployer)
+            self.cluster.refresh = self.states.refresh
+            self.states.elsewhere = self.cluster.versions_elsewhere
 
     # ------------------------------------------------------------------ events
 

@@ -30,8 +30,9 @@ from typing import Any, NamedTuple
 import orjson
 
 from .actions import HandOver, Log
-from .leases import DriverLeases
 from .activities import LAST_SEEN, Generations, new_activity
+from .choice import Elsewhere
+from .leases import DriverLeases
 from .presence import Presence, holding_of
 from .registry import LIVE, RAMPING, SERVING, Instance
 from .versions import InvalidRequirement, InvalidVersion, Requirement, Version
@@ -56,6 +57,8 @@ class Cluster:
         self.presence = Presence(me)
         self.leases = DriverLeases(me, lease)
         self.deployer = None
+        # `states.VersionStates.refresh`: recomputes a role's version states when what others hold changed.
+        self.refresh = lambda role, now, actions: None
         self.homes = Generations(ttl, now, max_entries)  # (activity id, role) -> broker
         self.origins = Generations(ttl, now, max_entries)  # message id -> broker of its sender
         self.seen = Generations(ttl, now, max_entries)  # (message id, role) -> True
@@ -63,6 +66,44 @@ class Cluster:
         self.handed_over = 0
         self.received_entries = 0
         self.duplicates = 0
+
+    # --------------------------------------------------------------- presence
+
+    def presence_seen(self, broker: str, holding: dict, expires_at: float, now: float) -> list:
+        """`broker` published what it holds (`presence.Presence.seen`)."""
+        actions = self.presence.seen(broker, holding, expires_at, now)
+        self._refresh_changed(now, actions)
+        return actions
+
+    def presence_left(self, broker: str, now: float) -> list:
+        actions = self.presence.left(broker)
+        self._refresh_changed(now, actions)
+        return actions
+
+    def _refresh_changed(self, now: float, actions: list) -> None:
+        """The states of a role's versions are the cluster's (`states`): recompute them for every role
+        whose holders changed."""
+        changed = self.presence.changed
+        if changed:
+            self.presence.changed = set()
+            for role in sorted(changed):
+                self.refresh(role, now, actions)
+
+    def versions_elsewhere(self, role: str) -> list[tuple[Version, Any]]:
+        """The versions of `role` connected only to other brokers, with their profiles."""
+        table = self.router.table.roles.get(role)
+        if table is None:
+            return []
+        here = {pool.version for pool in self.router.registry.pools.get(role, ())}
+        out: dict[Version, Any] = {}
+        for _, text, _ in self.presence.holders(role):
+            try:
+                version = Version(text)
+            except InvalidVersion:
+                continue
+            if version not in here and version not in out:
+                out[version] = table.profile_for(version)
+        return list(out.items())
 
     # ------------------------------------------------------------ deployments
 
@@ -187,16 +228,21 @@ class Cluster:
 
     def route_away(self, sender: Instance, role: str, public: str, activity_id: str | None, activity: dict | None,
                    frame: dict, requirement: Requirement | None, key: str | None, actions: list,
-                   broker: str | None = None) -> bool:
-        """No instance here takes `public` for `role`: hand it to a broker that has one
-        (`broker` when affinity already named it). False: no broker has one."""
+                   broker: str | None = None, chosen: str | Elsewhere = "") -> bool:
+        """No instance here takes `public` for `role`: hand it to a broker that has one (`broker`
+        when affinity already named it; one with the version the routing rules `chosen`, else
+        `pick`). False: no broker has one."""
         exact = None
         deploys = self.router.script_targets.get(sender.role)
         if deploys is not None and role == deploys.role and (requirement is None or requirement.matches(deploys.version)):
             exact = deploys.version  # as `Router.route` does for a deployment script
         if broker is None:
-            broker = (self.pick_exact(role, exact, public) if exact is not None
-                      else self.pick(role, public, requirement))
+            if exact is not None:
+                broker = self.pick_exact(role, exact, public)
+            elif chosen.__class__ is Elsewhere:
+                broker = self.pick_exact(role, chosen.version, public)
+            else:
+                broker = self.pick(role, public, requirement)
             if broker is None:
                 return False
         if activity is not None:
@@ -267,7 +313,7 @@ class Cluster:
             else:
                 target, reason = router.choice.choose(role, public, activity, requirement, entry.get("k"))
             if target is None:
-                missed[role] = reason
+                missed[role] = str(reason)  # a version elsewhere too: the sender's broker chose for this one
                 continue
             router._deliver(sender, target, frame, public, activity, frame, {}, actions)
         if missed:
@@ -282,7 +328,9 @@ class Cluster:
         self.homes.rotate_if_due(now)
         self.origins.rotate_if_due(now)
         self.seen.rotate_if_due(now)
-        return self.presence.expire(now) + self.leases.expire(now)
+        actions = self.presence.expire(now)
+        self._refresh_changed(now, actions)
+        return actions + self.leases.expire(now)
 
     def holding(self) -> dict[str, Any]:
         return holding_of(self.router.registry)

@@ -32,8 +32,8 @@ class Presence:
         self.me = me
         self.holdings: dict[str, Holding] = {}  # broker id -> what it holds (never this broker)
         self.expires_at: dict[str, float] = {}
-        # Bumped whenever what another broker holds changes: cached choices are stale then.
-        self.generation = 0
+        # The roles whose holders changed since `cluster.Cluster` last recomputed their versions' states.
+        self.changed: set[str] = set()
 
     def seen(self, broker: str, holding: Holding, expires_at: float, now: float) -> list:
         """`broker` published `holding`, good until `expires_at`."""
@@ -42,38 +42,34 @@ class Presence:
         actions = []
         if broker not in self.holdings:
             actions.append(Log("info", "cluster broker joined", {"broker": broker, "roles": sorted(holding)}))
-        if self.holdings.get(broker) != holding:
+        before = self.holdings.get(broker)
+        if before != holding:
+            before = before or {}
+            self.changed.update(role for role in before.keys() | holding.keys() if before.get(role) != holding.get(role))
             self.holdings[broker] = holding
-            self.generation += 1
         # A renewal read late (an old pub/sub message) never shortens a lease.
         self.expires_at[broker] = max(expires_at, self.expires_at.get(broker, 0.0))
         return actions
 
     def left(self, broker: str) -> list:
         """`broker` said it is stopping: forget it now rather than after its lease."""
-        if self.holdings.pop(broker, None) is None:
+        holding = self.holdings.pop(broker, None)
+        if holding is None:
             return []
         del self.expires_at[broker]
-        self.generation += 1
+        self.changed.update(holding)
         return [Log("info", "cluster broker left", {"broker": broker})]
 
     def expire(self, now: float) -> list:
         """Forget every broker whose lease has passed."""
         actions = []
         for broker in [b for b, at in self.expires_at.items() if at <= now]:
-            del self.expires_at[broker], self.holdings[broker]
-            self.generation += 1
+            del self.expires_at[broker]
+            self.changed.update(self.holdings.pop(broker))
             actions.append(Log("warning", "cluster broker lost", {
                 "broker": broker, "reason": "its presence lease passed without a renewal (it stopped, hangs, or "
                                             "cannot reach Redis); nothing is handed to it until it renews"}))
         return actions
-
-    def forget_all(self) -> None:
-        """Redis is away: what the others held can no longer be known."""
-        if self.holdings:
-            self.holdings.clear()
-            self.expires_at.clear()
-            self.generation += 1
 
     def holders(self, role: str) -> list[tuple[str, str, dict[str, Any]]]:
         """(broker, version, {"state", "instances"}) of every other broker holding `role`."""

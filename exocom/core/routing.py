@@ -139,11 +139,11 @@ class Router:
                 target, reason = self.choice.choose(role, public, activity, requirement, key)
             if target is None:
                 if cluster is not None and cluster.route_away(sender, role, public, activity_id, activity, frame,
-                                                              requirement, key, actions):
+                                                              requirement, key, actions, chosen=reason):
                     continue
                 if missed is None:
                     missed = {}
-                missed[role] = reason
+                missed[role] = str(reason)
                 continue
             self._deliver(sender, target, message, public, activity, frame, encoded, actions)
         if missed is not None:

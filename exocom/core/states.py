@@ -8,15 +8,20 @@ is `draining`: it gets only what affinity or a `version` requirement sends.
 Once nothing has reached a draining version for the drain period and no
 remembered activity points to its instances, it is `drained`: safe to stop.
 A pinned message that reaches it later makes it draining again.
+
+In a cluster the versions compared are the cluster's: a version connected
+only to other brokers (`elsewhere`, from the presence table) can be the
+stable one, which drains an older version connected here, and the ramps'
+bucket ranges are laid out over every broker's versions alike.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from .actions import Log
 from .activities import Generations
-from .choice import BUCKETS, Choice, RoleView
+from .choice import BUCKETS, Choice, Elsewhere, RoleView
 from .registry import DRAINED, DRAINING, LIVE, RAMPING, Registry, VersionPool
 from .stats import Stats
 from .versions import Version
@@ -35,34 +40,55 @@ class VersionStates:
         # The draining and drained pools, in the order they became so: all that
         # `tick` looks at, so that a tick costs nothing per live pool (role).
         self.quiet: dict[VersionPool, None] = {}
+        # In a cluster (`cluster.Cluster.versions_elsewhere`): the versions of a role connected only to
+        # other brokers, with their profiles.
+        self.elsewhere: Callable[[str], list[tuple[Version, Any]]] = lambda role: []
 
     def refresh(self, role: str, now: float, actions: list) -> None:
         """Recompute the states of `role`'s versions and its routing view."""
-        stable = None
+        stable = stable_elsewhere = None
         ramping = []
+        elsewhere: list[Elsewhere] = []
         first = 0
-        for pool in self.registry.pools.get(role, ()):  # newest first
-            state, share = self.state_of(role, pool.version)
+        versions: list[tuple[Version, VersionPool | None, Any]] = [
+            (pool.version, pool, None) for pool in self.registry.pools.get(role, ())]  # newest first
+        others = self.elsewhere(role)
+        if others:
+            versions += [(version, None, profile) for version, profile in others]
+            versions.sort(key=lambda v: v[0], reverse=True)
+        for version, pool, profile in versions:
+            state, share = self.state_of(role, version)
+            if state == RAMPING:
+                end = min(BUCKETS, first + round(share * BUCKETS / 100))
+                ramping.append((pool if pool is not None else Elsewhere(role, version, profile, RAMPING), first, end))
+                first = end
+            if pool is None:
+                # Connected only to other brokers: a place in the view, no state of its own here.
+                if state == LIVE:
+                    other = Elsewhere(role, version, profile, LIVE if stable is None and stable_elsewhere is None
+                                      else DRAINING)
+                    if other.state == LIVE:
+                        stable_elsewhere = other
+                    elsewhere.append(other)
+                elif state == RAMPING:
+                    elsewhere.append(ramping[-1][0])
+                continue
             if state == LIVE:
-                if stable is None:
+                if stable is None and stable_elsewhere is None:
                     stable = pool
                 elif pool.state not in (DRAINING, DRAINED):
                     state = DRAINING
                 else:
                     state = pool.state
-            elif state == RAMPING:
-                end = min(BUCKETS, first + round(share * BUCKETS / 100))
-                ramping.append((pool, first, end))
-                first = end
             if state != pool.state:
                 self._enter(pool, state, now, actions)
-        if stable is None and not ramping and role not in self.registry.pools:
+        if stable is None and stable_elsewhere is None and not ramping and role not in self.registry.pools:
             self.choice.views.pop(role, None)
         else:
-            self.choice.views[role] = RoleView(stable, tuple(ramping))
+            self.choice.views[role] = RoleView(stable, tuple(ramping), stable_elsewhere, tuple(elsewhere))
 
     def refresh_all(self, now: float, actions: list) -> None:
-        for role in list(self.registry.pools):
+        for role in [*self.registry.pools, *(r for r in self.choice.views if r not in self.registry.pools)]:
             self.refresh(role, now, actions)
 
     def tick(self, now: float, actions: list) -> None:

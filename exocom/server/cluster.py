@@ -301,7 +301,7 @@ class ClusterLink:
     def _seen(server, value: bytes, now: float) -> list:
         try:
             announced = orjson.loads(value)
-            return server.broker.cluster.presence.seen(announced["broker"], announced["roles"],
+            return server.broker.cluster.presence_seen(announced["broker"], announced["roles"],
                                                        announced["expiresAt"], now)
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return []  # another program's key: not a presence
@@ -315,7 +315,7 @@ class ClusterLink:
                     if data.startswith(b"{"):
                         server.execute(self._seen(server, data, time.time()))
                     else:
-                        server.execute(server.broker.cluster.presence.left(data.decode()))
+                        server.execute(server.broker.cluster.presence_left(data.decode(), time.time()))
 
     async def _sender(self, commands: coredis.Redis) -> None:
         buffer = self.buffer
