@@ -395,10 +395,10 @@ def test_no_step_advances_once_the_lease_expired_and_a_late_record_is_dropped_wh
 RAMP = {"steps": [10, 50, 100], "interval": 60, "gates": {"minSamples": 1}}
 
 
-def ramped(*versions_on_b: str, on_a: tuple[str, ...] = ()) -> tuple[Node, Node, int]:
+def ramped(*versions_on_b: str, on_a: tuple[str, ...] = (), rollout: dict = RAMP) -> tuple[Node, Node, int]:
     """a drives a ramp of todos NEW (the script and versions `on_a` on a, these versions of todos on b),
     its offline step done."""
-    a, b = Node("a", deployment_routes(rollout=RAMP)), Node("b", deployment_routes(rollout=RAMP))
+    a, b = Node("a", deployment_routes(rollout=rollout)), Node("b", deployment_routes(rollout=rollout))
     for version in on_a:
         a.connect("todos", version)
     for version in versions_on_b:
@@ -441,6 +441,40 @@ def test_a_ramps_share_is_cluster_wide_and_an_activity_lands_on_one_version_whic
     assert to_new_from_a == to_new_on_b == {x for x in activities if bucket_of(x) < BUCKETS // 10}
     assert 10 <= len(to_new_on_b) <= 60
     assert {h.broker for h in a.handed} == {"b"} and {h.broker for h in b.handed} == {"a"}
+
+
+def test_the_gates_of_the_broker_that_drives_a_ramp_judge_the_figures_of_every_broker():
+    """The new version's instance and its callers are all on b; a drives the ramp, and counts b's replies
+    and the drop of b's instance."""
+    a, b, _ = ramped(NEW, on_a=(OLD,), rollout={**RAMP, "gates": {"minSamples": 1, "maxDisconnects": 0}})
+    b.run(b.broker.cluster.records_seen(a.ledger, b.now))
+    web = b.connect("web")
+    new_conn = b.broker.registry.instances_of("todos")[0].conn
+    for i in range(100):
+        b.send(web, "todos.list", activity=f"ramp-{i}")
+    asked = b.take(new_conn)
+    for message in asked:
+        b.send(new_conn, "todos.listing", activity=message["activityId"], responseTo=message["id"])
+    assert asked and b.broker.deployment("todos", NEW).state == "ramping"
+
+    def b_publishes():
+        a.run(a.cluster.presence_seen("b", b.cluster.holding(), a.now + LEASE, a.now, b.broker.ramps.seen_here()))
+
+    b_publishes()
+    [row] = [r for r in a.broker.deployments_json() if r["version"] == NEW]
+    assert row["rollout"]["figures"]["replies"] == len(asked)
+    b.disconnect(new_conn)  # a's gate maxDisconnects 0: broken by b's instance
+    b_publishes()
+    a.tick(0.5)
+    assert "rollout aborted" in a.events("error") and a.broker.deployment("todos", NEW).state == "failed"
+
+
+def test_figures_of_an_earlier_ramp_of_the_version_are_not_counted():
+    a, b, _ = ramped(NEW, on_a=(OLD,))
+    d = a.broker.deployment("todos", NEW)
+    seen = {f"todos@{NEW}": {"began": d.ramp_began - 100, "versions": {NEW: [5, 5, 0.5, 0] + [0] * 15}}}
+    a.run(a.cluster.presence_seen("b", b.cluster.holding(), a.now + LEASE, a.now, seen))
+    assert a.cluster.figures_elsewhere(d, None) is None
 
 
 def test_an_operator_action_goes_to_the_broker_that_drives_the_deployment():

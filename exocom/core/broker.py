@@ -76,7 +76,7 @@ class Broker:
         self.deployer = Deployer(config, self.registry, self.router, self.budget,
                                  ledger_records=ledger_records, step_timeout=step_timeout)
         self.router.script_targets = self.deployer.script_targets()
-        self.ramps = Ramps(self.deployer, self.registry, self.stats)
+        self.ramps = Ramps(self.deployer, self.registry, self.stats, self.router.choice.views)
         self.states = VersionStates(self.registry, self.router.choice, self.stats, self.activities,
                                     state_of=self.deployer.state_of, drain_period=drain_period)
         self.deployer.refresh = self.ramps.refresh = self.states.refresh
@@ -96,6 +96,7 @@ class Broker:
             self.cluster.join_deployments(self.deployer)
             self.cluster.refresh = self.states.refresh
             self.states.elsewhere = self.cluster.versions_elsewhere
+            self.ramps.elsewhere = self.cluster.figures_elsewhere
 
     # ------------------------------------------------------------------ events
 

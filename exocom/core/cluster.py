@@ -32,6 +32,7 @@ import orjson
 from .actions import HandOver, Log
 from .activities import LAST_SEEN, Generations, new_activity
 from .choice import Elsewhere
+from .figures import Figures
 from .leases import DriverLeases
 from .presence import Presence, holding_of
 from .registry import LIVE, RAMPING, SERVING, Instance
@@ -59,6 +60,9 @@ class Cluster:
         self.deployer = None
         # `states.VersionStates.refresh`: recomputes a role's version states when what others hold changed.
         self.refresh = lambda role, now, actions: None
+        # broker -> what it saw of each ramp (`ramps.Ramps.seen_here`), as it last published it. Kept after
+        # it is gone: the replies it carried happened.
+        self.ramp_figures: dict[str, dict[str, Any]] = {}
         self.homes = Generations(ttl, now, max_entries)  # (activity id, role) -> broker
         self.origins = Generations(ttl, now, max_entries)  # message id -> broker of its sender
         self.seen = Generations(ttl, now, max_entries)  # (message id, role) -> True
@@ -69,9 +73,12 @@ class Cluster:
 
     # --------------------------------------------------------------- presence
 
-    def presence_seen(self, broker: str, holding: dict, expires_at: float, now: float) -> list:
-        """`broker` published what it holds (`presence.Presence.seen`)."""
+    def presence_seen(self, broker: str, holding: dict, expires_at: float, now: float,
+                      ramp_figures: dict[str, Any] | None = None) -> list:
+        """`broker` published what it holds (`presence.Presence.seen`) and what it saw of the ramps."""
         actions = self.presence.seen(broker, holding, expires_at, now)
+        if ramp_figures is not None and broker != self.me and expires_at > now:
+            self.ramp_figures[broker] = ramp_figures
         self._refresh_changed(now, actions)
         return actions
 
@@ -104,6 +111,28 @@ class Cluster:
             if version not in here and version not in out:
                 out[version] = table.profile_for(version)
         return list(out.items())
+
+    def figures_elsewhere(self, d, stable: Version | None) -> tuple[Figures, Figures | None] | None:
+        """What the other brokers saw of `d`'s ramp since it began: its version's figures and the
+        `stable` version's, added up (`ramps.Ramps._since_ramp`)."""
+        name, began = str(d.target), d.ramp_began
+        new_label, stable_label = str(d.target.version).partition("+")[0], str(stable).partition("+")[0]
+        new = stable_figures = None
+        for published in self.ramp_figures.values():
+            ramp = published.get(name)
+            if ramp is None or ramp.get("began") != began:
+                continue  # nothing of this ramp there, or of an earlier ramp of the version
+            try:
+                versions = ramp["versions"]
+                seen = Figures.from_list(versions[new_label]) if new_label in versions else Figures()
+                seen_stable = Figures.from_list(versions[stable_label]) if stable_label in versions else Figures()
+            except (TypeError, ValueError, KeyError, IndexError):
+                continue  # a broker of another release
+            new = seen if new is None else new.plus(seen)
+            stable_figures = seen_stable if stable_figures is None else stable_figures.plus(seen_stable)
+        if new is None:
+            return None
+        return new, stable_figures if stable is not None else None
 
     # ------------------------------------------------------------ deployments
 

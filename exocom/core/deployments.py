@@ -101,6 +101,7 @@ class Deployment:
     ramp_step: int = 0  # index into rollout.steps in force while ramping
     ramped: bool = False  # its offline-done record began a ramp (a rollout was declared then)
     ramp_since: float | None = None  # when that step began
+    ramp_began: float | None = None  # when the ramp began at its first step (names one ramp across brokers)
     paused: bool = False
     # Why the version is out of production by an abort or a rollback (None: it is not).
     stopped: str | None = None
@@ -176,6 +177,7 @@ class Deployment:
                 self.ramped = (record.get("detail") or {}).get("rollout") is not None
                 last = len(self.rollout.steps) - 1 if self.rollout is not None else 0
                 self.ramp_step, self.ramp_since = (0 if self.ramped else last), record["at"]
+                self.ramp_began = record["at"]
         elif event == STEP_FAILED_EVENT:
             step.status = STEP_FAILED
             step.ended_at = record["at"]
@@ -186,6 +188,7 @@ class Deployment:
             self.taken_out = False
             if self.ramped:  # a failed step aborted the ramp: it begins again from its first step
                 self.ramp_step, self.ramp_since, self.paused = 0, record["at"], False
+                self.ramp_began = record["at"]
 
     def _apply_rollout(self, event: str, record: dict[str, Any]) -> None:
         if event == STEPPED:
@@ -201,6 +204,7 @@ class Deployment:
         elif event == STEP_REARMED:  # a retry of an aborted ramp starts it again from its first step
             self.stopped, self.taken_out, self.paused = None, False, False
             self.ramp_step, self.ramp_since, self.ramped = 0, record["at"], self.rollout is not None
+            self.ramp_began = record["at"]
 
     def to_json(self) -> dict[str, Any]:
         return {

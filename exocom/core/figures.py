@@ -64,6 +64,32 @@ class Figures:
     def copy(self) -> Figures:
         return self.since(Figures())
 
+    def plus(self, other: Figures) -> Figures:
+        """These and `other` together (another broker's figures of the same version)."""
+        out = self.copy()
+        out.replies += other.replies
+        out.errors += other.errors
+        out.buckets = [a + b for a, b in zip(out.buckets, other.buckets)]
+        out.reply_time_sum += other.reply_time_sum
+        out.disconnects += other.disconnects
+        return out
+
+    def to_list(self) -> list:
+        """Compact, for the presence a broker publishes in a cluster; `from_list` reads it back."""
+        return [self.replies, self.errors, self.reply_time_sum, self.disconnects, *self.buckets]
+
+    @classmethod
+    def from_list(cls, values: list) -> Figures:
+        """ValueError or TypeError if `values` is not what `to_list` wrote."""
+        out = cls()
+        out.replies, out.errors, out.reply_time_sum, out.disconnects = (int(values[0]), int(values[1]),
+                                                                        float(values[2]), int(values[3]))
+        buckets = [int(v) for v in values[4:]]
+        if len(buckets) != len(out.buckets):
+            raise ValueError("another set of reply-time buckets")
+        out.buckets = buckets
+        return out
+
     def to_json(self) -> dict[str, Any]:
         return {"replies": self.replies, "errors": self.errors, "errorRate": round(self.error_rate, 4),
                 "p90ReplyTimeS": self.percentile(0.9), "disconnects": self.disconnects}

@@ -10,6 +10,11 @@ is on disk. A gate that fails aborts the ramp at once: the version's share
 drops to 0 before the abort is recorded. Gates are judged on every reply
 of a ramping version, on every disconnect of one of its instances, and on
 every tick.
+
+In a cluster the figures are the cluster's: every broker publishes what it
+saw of each ramp since the ramp began (`seen_here`, with the presence), and
+the gates judge this broker's figures plus the others' (`elsewhere`, from
+`cluster.Cluster.figures_elsewhere`), against the cluster's stable version.
 """
 
 from __future__ import annotations
@@ -30,10 +35,13 @@ _NOTHING = Figures()
 
 
 class Ramps:
-    def __init__(self, deployer: Deployer, registry: Registry, stats: Stats) -> None:
+    def __init__(self, deployer: Deployer, registry: Registry, stats: Stats, views: dict) -> None:
         self.deployer = deployer
         self.registry = registry
         self.stats = stats
+        self.views = views  # choice.Choice.views: which version of a role is the stable one
+        # In a cluster: (new, stable) figures of a ramp the other brokers saw, added up (None: none).
+        self.elsewhere = lambda d, stable: None
         self.refresh = lambda role, now, actions: None  # set by the broker (states.VersionStates.refresh)
         # Per ramping deployment: the figures of the new and of the stable
         # version when the ramp began, so that gates judge only the ramp.
@@ -69,20 +77,48 @@ class Ramps:
         return role, self.stats.version_label(role, str(version))
 
     def _since_ramp(self, d: dep.Deployment) -> tuple[Figures, Figures | None]:
+        """The figures of `d`'s version and of the stable version since the ramp began, in the
+        whole cluster."""
         role = d.target.role
-        key = dep.key(role, d.target.version)
+        new_base, bases = self._baseline_of(d)
+        new = self.stats.figures(self._key(role, d.target.version)).since(new_base)
+        view = self.views.get(role)
+        stable_pool = view.stable if view is not None and view.stable is not None else (
+            view.stable_elsewhere if view is not None else None)
+        stable = None
+        if stable_pool is not None:
+            key = self._key(role, stable_pool.version)
+            # A version without figures when the ramp began has had all of them since.
+            stable = self.stats.by_version.get(key, _NOTHING).since(bases.get(key) or _NOTHING)
+        elsewhere = self.elsewhere(d, stable_pool.version if stable_pool is not None else None)
+        if elsewhere is not None:
+            new = new.plus(elsewhere[0])
+            if stable is not None and elsewhere[1] is not None:
+                stable = stable.plus(elsewhere[1])
+        return new, stable
+
+    def seen_here(self) -> dict[str, Any]:
+        """Cluster: what this broker saw of each ramp since it began, by version (`Figures.to_list`),
+        for the broker that drives it to add up."""
+        out = {}
+        for d in self.deployer.deployments.values():
+            if d.state != RAMPING or d.ramp_began is None:
+                continue
+            role = d.target.role
+            new_base, bases = self._baseline_of(d)
+            versions = {label: figures.since(bases.get((r, label)) or _NOTHING).to_list()
+                        for (r, label), figures in self.stats.by_version.items() if r == role}
+            versions[self._key(role, d.target.version)[1]] = self.stats.figures(
+                self._key(role, d.target.version)).since(new_base).to_list()
+            out[str(d.target)] = {"began": d.ramp_began, "versions": versions}
+        return out
+
+    def _baseline_of(self, d: dep.Deployment) -> tuple[Figures, dict[tuple[str, str], Figures]]:
+        key = dep.key(d.target.role, d.target.version)
         baseline = self._baselines.get(key)
         if baseline is None:
             baseline = self._baselines[key] = self._baseline(d)
-        new_base, stable_bases = baseline
-        new = self.stats.figures(self._key(role, d.target.version)).since(new_base)
-        stable_pool = next((p for p in self.registry.pools.get(role, ()) if p.state == LIVE), None)
-        if stable_pool is None:
-            return new, None
-        stable_key = self._key(role, stable_pool.version)
-        # A version without figures when the ramp began has had all of them since.
-        stable_base = stable_bases.get(stable_key) or _NOTHING
-        return new, self.stats.figures(stable_key).since(stable_base)
+        return baseline
 
     def _baseline(self, d: dep.Deployment) -> tuple[Figures, dict[tuple[str, str], Figures]]:
         role = d.target.role
@@ -94,7 +130,8 @@ class Ramps:
     def replied(self, instance: Instance, now: float, actions: list) -> None:
         """An instance of a ramping version replied: judge it now."""
         d = self.deployer.deployment(instance.role, instance.version)
-        if d is not None and d.state == RAMPING:
+        # In a cluster only the broker that drives `d` judges it (on its tick, on every broker's figures).
+        if d is not None and d.state == RAMPING and self.deployer.may_drive(d, now):
             self._judge(d, now, actions)
 
     def disconnected(self, instance: Instance, now: float, actions: list) -> None:

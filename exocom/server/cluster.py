@@ -2,9 +2,10 @@
 bytes between the core's cluster decisions (`core.cluster`, `core.presence`)
 and Redis, in four tasks under the server's nursery:
 
-- presence: every `RENEW` seconds, SET this broker's holding with a `LEASE`
-  expiry, read every other broker's (one pipeline, then one MGET), and
-  PUBLISH the holding when it changed;
+- presence: every `RENEW` seconds, SET this broker's holding (and what it
+  saw of each ramp, for the gates) with a `LEASE` expiry, read every other
+  broker's (one pipeline, then one MGET), and PUBLISH it when the holding
+  changed;
 - subscriber: takes those announcements at once, between renewals;
 - sender: appends the entries the core hands to other brokers (`HandOver`)
   to their streams, in pipelined batches, from a bounded buffer;
@@ -274,7 +275,8 @@ class ClusterLink:
         while True:
             holding = cluster.holding()
             expires_at = time.time() + LEASE
-            payload = orjson.dumps({"broker": self.me, "roles": holding, "expiresAt": expires_at})
+            payload = orjson.dumps({"broker": self.me, "roles": holding, "expiresAt": expires_at,
+                                    "ramps": server.broker.ramps.seen_here()})
             async with commands.pipeline(transaction=False) as pipe:
                 pipe.set(presence_key(self.me), payload, px=int(LEASE * 1000))
                 pipe.sadd(BROKERS, [self.me])
@@ -302,7 +304,7 @@ class ClusterLink:
         try:
             announced = orjson.loads(value)
             return server.broker.cluster.presence_seen(announced["broker"], announced["roles"],
-                                                       announced["expiresAt"], now)
+                                                       announced["expiresAt"], now, announced.get("ramps"))
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return []  # another program's key: not a presence
 
