@@ -16,6 +16,7 @@ from fleet import NEW, OLD, ScriptLog, ask, deployment, deployment_script, http,
     wait_deployment, wait_until, web
 from processes import ROOT, free_port
 from test_cluster_e2e import cluster_of, held, valkey, wait_holders  # noqa: F401 (a fixture)
+from test_rollout_e2e import ROLLOUT, Traffic, rollout_routes, wait_state
 from valkey_server import Valkey
 
 pytest.importorskip("coredis")
@@ -57,10 +58,41 @@ async def test_a_broker_killed_mid_deployment_another_one_finishes_it(tmp_path, 
             await wait_until(lambda: _states(c) == {NEW: "live"}, "c to see the version live")
             await wait_until(lambda: held(a, "c") == {NEW: "live"}, "a to see c's version live")
             assert await ask(client, "pinned", version="2") == NEW  # from a, through c
+            # As on one broker: the new version is the stable one, a's old version drains.
+            assert await ask(client, "unpinned") == NEW and _states(a) == {OLD: "draining"}
         events = [e["event"] for e in a.events()]
         assert "deployment driver lease taken" in events and "deployment finished" in events
         drivers = {(e["by"], e["token"]) for e in ledger(valkey)}
         assert {by for by, _ in drivers} == {"b", "a"}
+
+
+async def test_a_broker_killed_mid_ramp_another_one_carries_the_ramp_on_with_the_cluster_wide_share(tmp_path,
+                                                                                                  valkey):
+    """todos 1.0.0 on a, 2.0.0 on c, its script (and so the ramp's driver) on b; web on a asks all along.
+    The share and the gates are the cluster's: a sends c the ramp's share of its new activities."""
+    with cluster_of(tmp_path, valkey, service_data=rollout_routes()) as (a, b, c):
+        traffic = Traffic(a)
+        async with todos(a.url, OLD, []), todos(c.url, NEW, []), web(a.url) as client:
+            await wait_holders(a, "todos", {"a", "c"})
+            async with trio.open_nursery() as nursery:
+                await nursery.start(traffic.run, client)
+                async with deployment_script([b.url, a.url], ScriptLog()):
+                    await wait_state(a, lambda d: d["state"] == "ramping", "the ramp to begin")
+                    drivers = {e["by"] for e in ledger(valkey)}
+                    assert drivers == {"b"}
+                    b.kill(signal.SIGKILL)
+                    d = await wait_state(a, lambda d: d["state"] == "live", "the ramp to reach 100 % without b",
+                                         timeout=40)
+                nursery.cancel_scope.cancel()
+            assert await ask(client, "after") == NEW
+    assert d["finished"] and d["share"] == 100
+    observed, total = traffic.observed_share(0)
+    assert total >= 100 and 2 <= observed <= 25, (observed, total)  # 10 %: the binomial spread of a few hundred
+    records = ledger(valkey)
+    stepped = [e for e in records if e["record"]["step"] == "rollout" and e["record"]["event"] == "stepped"]
+    assert stepped and {e["by"] for e in stepped} <= {"a", "c"} and all(e["token"] >= 2 for e in stepped)
+    # The gates judged the replies 2.0.0 gave on c, whichever broker drove.
+    assert all(e["record"]["detail"]["replies"] >= ROLLOUT["gates"]["minSamples"] for e in stepped)
 
 
 def _states(broker) -> dict:

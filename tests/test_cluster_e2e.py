@@ -27,10 +27,10 @@ def valkey(tmp_path):
 
 
 @contextlib.contextmanager
-def cluster_of(tmp_path, redis: Valkey | list[str], names=("a", "b", "c"), *args: str):
-    """Brokers `names` on the todos routes, clustered on `redis` (or on one URL each)."""
+def cluster_of(tmp_path, redis: Valkey | list[str], names=("a", "b", "c"), *args: str, service_data=None):
+    """Brokers `names` on the todos routes (or `service_data`), clustered on `redis` (or on one URL each)."""
     config = tmp_path / "routes.json"
-    config.write_text(json.dumps(routes()))
+    config.write_text(json.dumps(service_data or routes()))
     urls = redis if isinstance(redis, list) else [redis.url] * len(names)
     brokers = []
     try:
