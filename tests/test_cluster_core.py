@@ -443,6 +443,19 @@ def test_a_ramps_share_is_cluster_wide_and_an_activity_lands_on_one_version_whic
     assert {h.broker for h in a.handed} == {"b"} and {h.broker for h in b.handed} == {"a"}
 
 
+def test_an_activity_a_ramp_places_elsewhere_reaches_the_new_version_before_that_broker_read_the_ramp():
+    """a reads that the ramp began before b does: b delivers to the version a chose, not by its own stale view."""
+    a, b, _ = ramped(NEW, on_a=(OLD,))
+    web = a.connect("web")
+    activity = next(f"ramp-{i}" for i in range(1000) if bucket_of(f"ramp-{i}") < BUCKETS // 10)
+    a.send(web, "todos.list", activity=activity)
+    assert b.broker.deployment("todos", NEW).state == "held"  # b has not read the ledger yet
+    carry([a, b])
+    new_conn = b.broker.registry.instances_of("todos")[0].conn
+    assert [m["activityId"] for m in b.take(new_conn)] == [activity]
+    assert "message undeliverable" not in b.events("warning")
+
+
 def test_the_gates_of_the_broker_that_drives_a_ramp_judge_the_figures_of_every_broker():
     """The new version's instance and its callers are all on b; a drives the ramp, and counts b's replies
     and the drop of b's instance."""

@@ -108,6 +108,21 @@ async def test_a_local_receiver_is_preferred_and_an_activity_stays_on_its_instan
         assert on_a == [f"local-{i}" for i in range(5)]
 
 
+async def test_the_other_brokers_see_a_service_come_and_go_at_once(tmp_path, valkey):
+    """A broker publishes what it holds as soon as it changes (measured: 12-16 ms median,
+    bench/cluster_presence_gap.py), not at its next renewal (up to RENEW, 0.3 s, later: the issue asks
+    for under a second; 0.25 s here leaves ten times the measured figure for a loaded machine)."""
+    with cluster_of(tmp_path, valkey, ("a", "c")) as (a, c):
+        async def knows_c():
+            return "c" in {b["broker"] for b in (await get(a.port, "/config.json"))["cluster"]["brokers"]}
+
+        await wait_until(knows_c, "a to know c (the brokers' start is not what is timed)")
+        for _ in range(3):
+            async with todos(c.url, "1.0.0", []):
+                await wait_holders(a, "todos", {"c"}, timeout=0.25)
+            await wait_holders(a, "todos", set(), timeout=0.25)
+
+
 async def test_a_killed_broker_is_forgotten_after_its_lease_and_its_services_move(tmp_path, valkey):
     with cluster_of(tmp_path, valkey) as (a, b, c):
         got = []

@@ -1,12 +1,15 @@
 """Several brokers, one fleet: what a broker decides about the others.
 
-A message is routed here first by the rules of one broker (`routing`,
-`choice`): a local receiver is always preferred. Only when no instance here
-can take it for a role does it go to another broker that holds a version of
-that role the rules would pick (`pick`, from the presence table): the message
-is handed over as an entry (`HandOver`) that the shell appends to that
-broker's Redis stream. The receiving broker routes the entry to the one role
-it names, by its own local rules (`received`), exactly once: Redis delivers
+A message is routed by the rules of one broker (`routing`, `choice`) over
+the cluster's versions: the states (`states`) place a version connected only
+to other brokers (`versions_elsewhere`, from the presence table) in the
+routing view, and when the rules choose it the message goes to a broker that
+holds it (`route_away`). A version connected here is preferred to the same
+version elsewhere. When the view is stale (a broker just left or joined),
+`pick` finds another broker with a version the rules would pick. The
+message is handed over as an entry (`HandOver`) that the shell appends to
+that broker's Redis stream. The receiving broker routes the entry to the one
+role it names, by its own rules (`received`), exactly once: Redis delivers
 at least once, so entries are deduplicated by message id and role.
 
 Three memories keep one-broker behaviour across brokers, all bounded like the
@@ -35,7 +38,7 @@ from .choice import Elsewhere
 from .figures import Figures
 from .leases import DriverLeases
 from .presence import Presence, holding_of
-from .registry import LIVE, RAMPING, SERVING, Instance
+from .registry import FAILED, LIVE, RAMPING, SERVING, Instance
 from .versions import InvalidRequirement, InvalidVersion, Requirement, Version
 
 _dumps = orjson.dumps
@@ -246,12 +249,17 @@ class Cluster:
         return brokers[self._next]
 
     def hand_over(self, broker: str, sender: Instance, role: str | None, public: str, frame: dict,
-                  requirement: Requirement | None, key: str | None, actions: list, exact: Version | None = None) -> None:
-        """`role` None: an answer for the asker on `broker`; `exact`: to that version of `role`."""
+                  requirement: Requirement | None, key: str | None, actions: list, exact: Version | None = None,
+                  chosen: Version | None = None) -> None:
+        """`role` None: an answer for the asker on `broker`; `exact`: to that version of `role` only;
+        `chosen`: the version this broker's rules chose (the receiving broker may not know yet what this one
+        knows, e.g. that a ramp began)."""
         entry = {"o": self.me, "r": role, "p": public, "v": requirement.text if requirement else None, "k": key,
                  "s": sender.role, "sv": str(sender.version), "f": frame}
         if exact is not None:
             entry["x"] = str(exact)
+        elif chosen is not None:
+            entry["c"] = str(chosen)
         actions.append(HandOver(broker, _dumps(entry, option=_OPT)))
         self.handed_over += 1
 
@@ -265,11 +273,12 @@ class Cluster:
         deploys = self.router.script_targets.get(sender.role)
         if deploys is not None and role == deploys.role and (requirement is None or requirement.matches(deploys.version)):
             exact = deploys.version  # as `Router.route` does for a deployment script
+        version = chosen.version if chosen.__class__ is Elsewhere else None
         if broker is None:
             if exact is not None:
                 broker = self.pick_exact(role, exact, public)
-            elif chosen.__class__ is Elsewhere:
-                broker = self.pick_exact(role, chosen.version, public)
+            elif version is not None:
+                broker = self.pick_exact(role, version, public)
             else:
                 broker = self.pick(role, public, requirement)
             if broker is None:
@@ -277,7 +286,7 @@ class Cluster:
         if activity is not None:
             activity[role] = ELSEWHERE
             self.homes.put((activity_id, role), broker)
-        self.hand_over(broker, sender, role, public, frame, requirement, key, actions, exact)
+        self.hand_over(broker, sender, role, public, frame, requirement, key, actions, exact, version)
         return True
 
     def to_asker(self, sender: Instance, response_to: str, public: str, frame: dict, actions: list) -> bool:
@@ -334,13 +343,18 @@ class Cluster:
             except InvalidRequirement:
                 pass
         missed = {}
-        exact = entry.get("x")
+        exact, chosen = _version(entry.get("x")), _version(entry.get("c"))
         for role in roles:
             if exact is not None:
-                target = router._pick_in_pool(router.registry.pool(role, Version(exact)), public)
+                target = router._pick_in_pool(router.registry.pool(role, exact), public)
                 reason = "" if target is not None else f"{role}@{exact} has no instance connected here"
             else:
-                target, reason = router.choice.choose(role, public, activity, requirement, entry.get("k"))
+                # The version the sender's broker chose (it may have read a record of the shared ledger that
+                # this broker has not read yet, e.g. that a ramp began), unless it is out of production here.
+                pool = router.registry.pool(role, chosen) if chosen is not None else None
+                target = router._pick_in_pool(pool, public) if pool is not None and pool.state != FAILED else None
+                if target is None:
+                    target, reason = router.choice.choose(role, public, activity, requirement, entry.get("k"))
             if target is None:
                 missed[role] = str(reason)  # a version elsewhere too: the sender's broker chose for this one
                 continue
@@ -369,3 +383,10 @@ class Cluster:
         out.update(handedOver=self.handed_over, received=self.received_entries, duplicates=self.duplicates,
                    leases=self.leases.to_json())
         return out
+
+
+def _version(text: str | None) -> Version | None:
+    try:
+        return Version(text) if text is not None else None
+    except InvalidVersion:
+        return None

@@ -80,6 +80,9 @@ class Registry:
         self.by_conn: dict[int, Instance] = {}
         # role -> pools sorted newest version first
         self.pools: dict[str, list[VersionPool]] = {}
+        # Bumped when an instance comes or goes or a version's state changes: in a cluster the shell
+        # publishes what this broker holds at once, not at its next renewal.
+        self.changes = 0
 
     def pool(self, role: str, version: Version) -> VersionPool | None:
         for p in self.pools.get(role, ()):
@@ -97,11 +100,13 @@ class Registry:
         pool.instances.append(instance)
         instance.pool = pool
         self.by_conn[instance.conn] = instance
+        self.changes += 1
         return pool
 
     def remove(self, conn: int) -> Instance | None:
         instance = self.by_conn.pop(conn, None)
         if instance is not None and instance.pool is not None:
+            self.changes += 1
             pool = instance.pool
             pool.instances.remove(instance)
             if not pool.instances:

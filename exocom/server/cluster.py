@@ -53,6 +53,7 @@ BROKERS = PREFIX + "brokers"  # set of broker ids that announced themselves (pru
 CHANNEL = PREFIX + "presence"
 GROUP = "brokers"
 RENEW = 0.3  # seconds between presence renewals
+CHANGE_POLL = 0.01  # seconds between looks for a change to publish before the renewal
 LEASE = 2.0  # seconds a presence lasts without renewal
 BATCH = 512  # entries per pipeline or stream read
 STREAM_MAX = 100_000  # entries a broker's stream keeps at most (approximately) while it reads none
@@ -91,8 +92,9 @@ return 0
 APPEND_RECORD = """
 local current = redis.call('GET', KEYS[1])
 if ARGV[1] == '' then
-  if current and string.match(current, '^(.*)/%d+$') ~= ARGV[3] then
-    return redis.error_reply('FENCED another broker drives this deployment')
+  local holder = current and string.match(current, '^(.*)/%d+$')
+  if current and holder ~= ARGV[3] then
+    return redis.error_reply('FENCED ' .. (holder or current))
   end
 elseif current ~= ARGV[1] then
   return redis.error_reply('FENCED the writer does not hold this deployment lease with this token')
@@ -175,6 +177,14 @@ def shown_url(url: str) -> str:
     return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
 
 
+class RecordOutcome:
+    """What the shared ledger did with one record (an operator's action waits for it)."""
+
+    def __init__(self) -> None:
+        self.settled = trio.Event()
+        self.refused_by: str | None = None  # the broker that holds the deployment's lease, when refused
+
+
 class ClusterLink:
     def __init__(self, url: str, broker_id: str, *, password: str | None = None, max_buffered: int = 10_000,
                  ledger_records: int = 0):
@@ -192,6 +202,18 @@ class ClusterLink:
         self.dropped = 0  # entries refused because the buffer was full
         self.problem: str | None = "not connected to Redis yet"
         self._failing: set[str] = set()  # tasks whose last Redis command failed
+        self._watched: dict[int, RecordOutcome] = {}  # id(record) -> its outcome, for whoever waits for it
+
+    def watch(self, record: dict) -> RecordOutcome:
+        """The outcome of `record`, once `write_record` has appended it or the ledger refused it."""
+        outcome = self._watched[id(record)] = RecordOutcome()
+        return outcome
+
+    def _settle(self, record: dict, refused_by: str | None) -> None:
+        outcome = self._watched.pop(id(record), None)
+        if outcome is not None:
+            outcome.refused_by = refused_by
+            outcome.settled.set()
 
     # ---------------------------------------------------------- from execute
 
@@ -297,7 +319,16 @@ class ClusterLink:
                 await commands.srem(BROKERS, gone)
             server.execute(actions)
             self._ok("presence")
-            await trio.sleep(RENEW)
+            await self._until_renewal_or_change(server.broker.registry)
+
+    @staticmethod
+    async def _until_renewal_or_change(registry) -> None:
+        """Sleep until the next renewal, or until an instance came or went or a state changed here: the
+        others learn it within a few milliseconds (PUBLISH), not at the next renewal."""
+        changes = registry.changes
+        deadline = trio.current_time() + RENEW
+        while registry.changes == changes and trio.current_time() < deadline:
+            await trio.sleep(CHANGE_POLL)
 
     @staticmethod
     def _seen(server, value: bytes, now: float) -> list:
@@ -414,10 +445,15 @@ class ClusterLink:
             except ResponseError as e:
                 if "FENCED" not in str(e):
                     raise
+                holder = str(e).partition("FENCED ")[2].strip() if token is None else None
                 self.log.warning("deployment record fenced", deployment=name, token=token, record_event=record["event"],
-                                 step=record["step"], reason="the lease in Redis is held with another token: "
-                                 "another broker took the deployment over while this one was paused or cut off")
+                                 step=record["step"], holder=holder, reason=(
+                                     "the lease in Redis is held with another token: another broker took the "
+                                     "deployment over while this one was paused or cut off" if token is not None else
+                                     "an operator's action, but another broker drives this deployment now: it acts "
+                                     "on it, not this one"))
                 server.execute(cluster.record_refused(record, time.time()))
+                self._settle(record, holder or "another broker")
                 return
             except REDIS_AWAY as e:
                 self._failed("ledger", e)
@@ -427,6 +463,7 @@ class ClusterLink:
             self.own.add(seq)
             self._ok("ledger")
             server.execute(server.broker.record_written(record, time.time()))
+            self._settle(record, None)
             return
 
     async def _leave(self) -> None:

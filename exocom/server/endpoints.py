@@ -16,6 +16,7 @@ import h11
 import orjson
 import trio
 
+from ..core.actions import WriteRecord
 from ..core.config import parse_deployment
 from ..core.ramps import ACTIONS as ROLLOUT_ACTIONS
 from ..logs import get_logger
@@ -34,23 +35,45 @@ if TYPE_CHECKING:
 # one HTML body `respond` sends.
 STATUS_PAGE = resources.files(__package__).joinpath("status_page.html").read_bytes()
 
+CLUSTER_RECORD_WAIT = 5.0  # seconds an operator action waits for the shared ledger to take or refuse it
 ROLLOUT_DONE = {"pause": "paused", "resume": "resumed", "promote": "promoted", "abort": "aborted"}
 
 
-def _operator_action(server: Server, target: str, act, done: str) -> tuple[int, Any]:
+async def _operator_action(server: Server, target: str, act, done: str) -> tuple[int, Any]:
     """POST /deployments/ROLE@VERSION/retry and its siblings: 202, or 400 (not
-    ROLE@VERSION), 404 (not configured) or 409 (not now), each saying why."""
+    ROLE@VERSION), 404 (not configured) or 409 (not now), each saying why.
+
+    In a cluster the answer waits for the shared ledger: a record is appended
+    only while no other broker holds the deployment's lease, and an action the
+    ledger refuses answers 409 naming the broker to send it to, instead of a
+    202 for something that never happens."""
     try:
         deployment = parse_deployment(target)
     except ValueError as e:
         return 400, {"error": str(e)}
     try:
-        server.execute(act(deployment.role, str(deployment.version), time.time()))
+        actions = act(deployment.role, str(deployment.version), time.time())
     except KeyError as e:
         return 404, {"error": e.args[0]}
     except ValueError as e:
         return 409, {"error": str(e)}
-    return 202, {done: str(deployment)}
+    cluster = server.cluster
+    outcomes = [cluster.watch(a.record) for a in actions if a.__class__ is WriteRecord] if cluster else []
+    server.execute(actions)
+    if not outcomes:
+        return 202, {done: str(deployment)}
+    with trio.move_on_after(CLUSTER_RECORD_WAIT):
+        for outcome in outcomes:
+            await outcome.settled.wait()
+    refused = next((o.refused_by for o in outcomes if o.refused_by is not None), None)
+    if refused is not None:
+        return 409, {"error": f"{deployment} is driven by broker {refused!r} now: the action was not recorded; "
+                              "send it to that broker (exocom status on it)"}
+    if not all(o.settled.is_set() for o in outcomes):
+        return 202, {done: str(deployment), "recorded": False,
+                     "note": f"Redis did not answer within {CLUSTER_RECORD_WAIT:g}s: the action is recorded when "
+                             "it answers, unless another broker drives the deployment by then (see the log)"}
+    return 202, {done: str(deployment), "recorded": True}
 
 
 # What --protect-reads puts behind the operator token. `/` (the status page) stays open: it is a static file
@@ -86,21 +109,24 @@ async def answer(server: Server, method: str, path: str) -> tuple[int, Any]:
         return 200, broker.config_json()
     if method == "GET" and path == "/deployments":
         ledger_path = getattr(server.ledger, "path", None)
+        ledger = (f"Redis at {server.cluster.shown_url} (shared by the cluster)" if server.cluster is not None
+                  else str(ledger_path) if ledger_path else None)
         # The versions beside the deployments: a replaced version is draining or
         # drained whether or not a deployment brought it.
         versions = {c["role"]: c["versions"] for c in broker.config_json()["clients"]}
-        return 200, {"deployments": broker.deployments_json(), "versions": versions,
-                     "ledger": str(ledger_path) if ledger_path else None}
+        return 200, {"deployments": broker.deployments_json(), "versions": versions, "ledger": ledger}
     if method == "POST" and path.startswith("/deployments/") and path.endswith("/retry"):
-        return _operator_action(server, path[len("/deployments/"):-len("/retry")], broker.retry, "retrying")
+        return await _operator_action(server, path[len("/deployments/"):-len("/retry")], broker.retry, "retrying")
     if method == "POST" and path.startswith("/deployments/") and "/rollout/" in path:
         target, _, action = path[len("/deployments/"):].partition("/rollout/")
         if action not in ROLLOUT_ACTIONS:
             return 400, {"error": f"no rollout action {action!r}: one of {', '.join(ROLLOUT_ACTIONS)}"}
-        return _operator_action(server, target, lambda role, version, now: broker.rollout(role, version, action, now),
-                                ROLLOUT_DONE[action])
+        return await _operator_action(server, target,
+                                      lambda role, version, now: broker.rollout(role, version, action, now),
+                                      ROLLOUT_DONE[action])
     if method == "POST" and path.startswith("/versions/") and path.endswith("/rollback"):
-        return _operator_action(server, path[len("/versions/"):-len("/rollback")], broker.rollback, "rolledBack")
+        return await _operator_action(server, path[len("/versions/"):-len("/rollback")], broker.rollback,
+                                      "rolledBack")
     if method == "POST" and path == "/reload":
         return await reload(server, "http")
     if method == "GET" and path == "/metrics":
