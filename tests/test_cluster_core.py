@@ -526,3 +526,57 @@ def test_a_failure_decided_under_a_lost_lease_does_not_keep_the_version_out_here
     a.unwritten.clear()
     a.run(a.broker.cluster.record_refused(late, a.now))  # the ledger is b's: refused
     assert a.broker.deployment("todos", NEW).state == "held"  # as the ledger has it
+
+
+# ------------------------------------------------- the security adapter, across brokers
+
+SECURED = {
+    "web": {"receives": ["user created", "message unauthorized"], "sends": ["create user"]},
+    "users": {"receives": ["create user"], "sends": ["user created"]},
+    "security": {"receives": ["authorize message", "security response"],
+                 "sends": ["message authorized", "message unauthorized", "security request"]},
+    "sessions": {"receives": ["get session"], "sends": ["session data"]},
+}
+
+
+def secured() -> tuple[Node, Node, int, int, int, int]:
+    """The security service on a; web, users and sessions on b."""
+    a, b = Node("a", SECURED), Node("b", SECURED)
+    security = a.connect("security")
+    web, users, sessions = b.connect("web"), b.connect("users"), b.connect("sessions")
+    publish([a, b])
+    return a, b, security, web, users, sessions
+
+
+@pytest.mark.parametrize("verdict", ["message authorized", "message unauthorized"])
+def test_a_message_is_authorized_by_a_security_service_on_another_broker(verdict):
+    a, b, security, web, users, _ = secured()
+    sent = b.send(web, "create user", {"name": "Jo"})
+    assert b.take(users) == []  # not before the verdict
+    carry([a, b])
+    [ask] = a.take(security)
+    assert ask["name"] == "authorize message" and ask["payload"]["id"] == sent["id"]
+    a.send(security, verdict, activity=ask["activityId"])
+    carry([a, b])
+    if verdict == "message authorized":
+        [got] = b.take(users)
+        assert got["id"] == sent["id"] and got["payload"] == {"name": "Jo"} and b.take(web) == []
+    else:
+        [refused] = b.take(web)
+        assert refused["name"] == "message unauthorized" and refused["payload"]["id"] == sent["id"]
+        assert b.take(users) == [] and "message unauthorized" in b.events("warning")
+    assert "unknown_authorization" not in str(a.events())
+
+
+def test_the_security_services_query_reaches_another_broker_and_its_answer_comes_back():
+    a, b, security, _, _, sessions = secured()
+    request = {"name": "get session", "payload": {"id": "2"}, "id": "q1", "activityId": "query-1"}
+    a.send(security, "security request", request, activity="security-1")
+    carry([a, b])
+    [got] = b.take(sessions)
+    assert got["name"] == "get session" and got["activityId"] == "query-1" and got["isSecurity"] is True
+    b.send(sessions, "session data", {"isAdmin": True}, activity="query-1", isSecurity=True)
+    carry([a, b])
+    [response] = a.take(security)
+    assert response["name"] == "security response" and response["activityId"] == "security-1"
+    assert response["payload"]["payload"] == {"isAdmin": True}

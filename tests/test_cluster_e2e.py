@@ -5,6 +5,7 @@ services written with `exocom.relay` connected to different brokers."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import signal
 import subprocess
@@ -12,7 +13,8 @@ import subprocess
 import pytest
 import trio
 
-from fleet import EXOCOM, ask, get, http, routes, todos, wait_until, web
+from exocom.relay import open_relay
+from fleet import EXOCOM, FAST, ask, get, http, routes, todos, wait_until, web
 from processes import BrokerProcess, wait_for
 from valkey_server import Valkey, running
 
@@ -121,6 +123,26 @@ async def test_the_other_brokers_see_a_service_come_and_go_at_once(tmp_path, val
             async with todos(c.url, "1.0.0", []):
                 await wait_holders(a, "todos", {"c"}, timeout=0.25)
             await wait_holders(a, "todos", set(), timeout=0.25)
+
+
+async def test_a_token_is_good_on_every_broker_and_a_wrong_one_on_none(tmp_path, valkey):
+    """Every broker checks the same routing file's credentials: a role is let in, or refused, alike."""
+    from exocom.core.actions import CLOSE_UNAUTHORIZED
+    from test_auth_e2e import refused
+
+    tokens = {"web": "web-secret", "todos": "todos-secret", "todos-deployment": "script-secret"}
+    data = routes()
+    for role, token in tokens.items():
+        data[role]["tokenSha256"] = hashlib.sha256(token.encode()).hexdigest()
+    with cluster_of(tmp_path, valkey, ("a", "b"), "--require-auth", service_data=data) as (a, b):
+        async with open_relay(a.url, "web", token=tokens["web"], **FAST) as client, \
+                open_relay(b.url, "todos", "1.0.0", token=tokens["todos"], **FAST) as service:
+            service.handler("todos.list")(lambda m: m.reply("todos.listing", {"version": "1.0.0"}))
+            await wait_holders(a, "todos", {"b"})
+            assert await ask(client, "across") == "1.0.0"
+        for broker in (a, b):
+            wrong = await refused(broker.url, "todos", token=tokens["web"])
+            assert wrong.code == CLOSE_UNAUTHORIZED
 
 
 async def test_a_killed_broker_is_forgotten_after_its_lease_and_its_services_move(tmp_path, valkey):

@@ -97,6 +97,7 @@ class Broker:
             self.cluster.refresh = self.states.refresh
             self.states.elsewhere = self.cluster.versions_elsewhere
             self.ramps.elsewhere = self.cluster.figures_elsewhere
+            self.cluster.security = self.security
 
     # ------------------------------------------------------------------ events
 

@@ -39,12 +39,16 @@ from .figures import Figures
 from .leases import DriverLeases
 from .presence import Presence, holding_of
 from .registry import FAILED, LIVE, RAMPING, SERVING, Instance
+from .security import SECURITY_ROLE
 from .versions import InvalidRequirement, InvalidVersion, Requirement, Version
 
 _dumps = orjson.dumps
 _loads = orjson.loads
 _OPT = orjson.OPT_UTC_Z
 ELSEWHERE = 0  # an activity member on another broker (connection ids start at 1)
+# Kinds of entries of the security adapter ("t"): a message for the security service, its verdict for the
+# broker of the sender, an answer to its query for its broker.
+TO_SECURITY, VERDICT, SECURITY_ANSWER = "to-security", "verdict", "security-answer"
 
 
 class RemoteSender(NamedTuple):
@@ -69,6 +73,10 @@ class Cluster:
         self.homes = Generations(ttl, now, max_entries)  # (activity id, role) -> broker
         self.origins = Generations(ttl, now, max_entries)  # message id -> broker of its sender
         self.seen = Generations(ttl, now, max_entries)  # (message id, role) -> True
+        # The security adapter (`security`), when the security service and a sender are on different brokers:
+        self.security = None  # this broker's adapter (set by the broker)
+        self.authorizers = Generations(ttl, now, max_entries)  # authorization activity -> broker that waits
+        self.security_askers = Generations(ttl, now, max_entries)  # query activity -> broker of the security service
         self._next = 0  # round robin over the brokers that hold the chosen version
         self.handed_over = 0
         self.received_entries = 0
@@ -297,6 +305,71 @@ class Cluster:
         self.hand_over(broker, sender, None, public, frame, None, None, actions)
         return True
 
+    # ------------------------------------------- the security adapter, across brokers
+
+    def to_security(self, message: dict, actions: list) -> bool:
+        """A message of the security adapter (`authorize message`, `security response`) for the security
+        service, connected only to other brokers. False: to none."""
+        brokers = sorted({b for b, _, entry in self.presence.holders(SECURITY_ROLE) if entry["state"] == LIVE})
+        if not brokers:
+            return False
+        self._next = (self._next + 1) % len(brokers)
+        self._security_entry(brokers[self._next], TO_SECURITY, {"f": message}, actions)
+        return True
+
+    def verdict_to_asker(self, name: str, activity_id: Any, actions: list) -> bool:
+        """The security service's verdict on a message that waits on the broker that asked for it."""
+        broker = self.authorizers.get(activity_id) if activity_id.__class__ is str else None
+        if broker is None:
+            return False
+        self.authorizers.pop(activity_id)
+        self._security_entry(broker, VERDICT, {"n": name, "a": activity_id}, actions)
+        return True
+
+    def security_answer_to_asker(self, message: dict, activity_id: Any, actions: list) -> bool:
+        """An answer to a query of a security service connected to another broker."""
+        broker = self.security_askers.get(activity_id) if activity_id.__class__ is str else None
+        if broker is None:
+            return False
+        self.security_askers.pop(activity_id)
+        self._security_entry(broker, SECURITY_ANSWER, {"f": message}, actions)
+        return True
+
+    def _security_entry(self, broker: str, kind: str, fields: dict, actions: list) -> None:
+        actions.append(HandOver(broker, _dumps({"o": self.me, "t": kind, **fields}, option=_OPT)))
+        self.handed_over += 1
+
+    def _security_received(self, entry: dict, now: float) -> list:
+        actions: list = []
+        security = self.security
+        kind, origin = entry["t"], entry["o"]
+        key = (kind, entry["a"] if kind == VERDICT else entry["f"].get("id"))
+        if self.seen.get(key) is not None:
+            self.duplicates += 1
+            return []
+        self.seen.put(key, True)
+        if security is None:
+            return [Log("error", "cluster entry unreadable", {
+                "reason": "an entry of the security adapter, but this broker's configuration has no security role: "
+                          "every broker of a cluster needs the same configuration"})]
+        if kind == VERDICT:
+            security.verdict(None, entry["n"], entry["a"], now, actions)
+        elif kind == SECURITY_ANSWER:
+            message = entry["f"]
+            if not security.security_answer(message, message.get("activityId"), now, actions):
+                actions.append(Log("warning", "message undeliverable", {
+                    "name": message.get("name"), "from_broker": origin,
+                    "reason": "an answer to a query of the security service that is no longer remembered here"}))
+        else:
+            message = entry["f"]
+            if message.get("name") == "authorize message" and message.get("activityId").__class__ is str:
+                self.authorizers.put(message["activityId"], origin)
+            if not security.send_to_security_here(message, now, actions):
+                actions.append(Log("warning", "message undeliverable", {
+                    "name": message.get("name"), "role": SECURITY_ROLE, "from_broker": origin,
+                    "reason": f"handed over from another broker, but no instance of {SECURITY_ROLE!r} is live here"}))
+        return actions
+
     # ---------------------------------------------------------- receiving side
 
     def received(self, data: bytes, now: float) -> list:
@@ -304,9 +377,11 @@ class Cluster:
         actions: list = []
         try:
             entry = _loads(data)
+            if "t" in entry:
+                return self._security_received(entry, now)
             frame, role, public, origin = entry["f"], entry["r"], entry["p"], entry["o"]
             message_id = frame["id"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return [Log("error", "cluster entry unreadable", {
                 "reason": "an entry in this broker's stream is not one a broker wrote; it is dropped (another "
                           "program writes to the stream, or brokers of different versions share the cluster)"})]
@@ -336,6 +411,8 @@ class Cluster:
         else:
             self.origins.put(message_id, origin)
             roles = (role,)
+            if frame.get("isSecurity") and activity_id.__class__ is str:
+                self.security_askers.put(activity_id, origin)  # a query of the security service there
         requirement = None
         if entry.get("v") is not None:
             try:
@@ -371,6 +448,8 @@ class Cluster:
         self.homes.rotate_if_due(now)
         self.origins.rotate_if_due(now)
         self.seen.rotate_if_due(now)
+        self.authorizers.rotate_if_due(now)
+        self.security_askers.rotate_if_due(now)
         actions = self.presence.expire(now)
         self._refresh_changed(now, actions)
         return actions + self.leases.expire(now)

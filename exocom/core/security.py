@@ -5,6 +5,12 @@ The broker sends `security` an `authorize message` with the original as
 payload and routes the original on `message authorized` (or tells the sender
 `message unauthorized`). `security` may query other services with a
 `security request`; their answer comes back to it as a `security response`.
+
+In a cluster the security service may be connected to another broker: the
+adapter's messages for it, its verdicts and the answers to its queries are
+handed between the brokers (`cluster.Cluster`), and each broker keeps what
+it decided itself (the message waiting for a verdict stays with its
+sender's broker).
 """
 
 from __future__ import annotations
@@ -55,27 +61,44 @@ class SecurityAdapter:
             activity_id = None  # keys of the adapter's memories are strings (a list is not even hashable)
         if instance.role == SECURITY_ROLE:
             if name in ("message authorized", "message unauthorized"):
-                self._verdict(instance, name, activity_id, now, actions)
+                self.verdict(instance, name, activity_id, now, actions)
             elif name == "security request":
                 self._security_request(instance, message, name, activity_id, now, actions)
             else:
                 self.router.route(instance, message, name, now, actions)
             return actions
-        security_activity = self.security_requests.get(activity_id)
-        if security_activity is not None:
-            # An answer to the security service's own query: wrapped and sent back to it.
-            self.security_requests.pop(activity_id)
-            self._send_to_security({"name": "security response", "id": new_id(), "activityId": security_activity,
-                                    "payload": message, "isSecurity": True}, now, actions)
+        if self.security_answer(message, activity_id, now, actions):
             return actions
+        cluster = self.router.cluster
+        if cluster is not None and cluster.security_answer_to_asker(message, activity_id, actions):
+            return actions  # the security service that asked is connected to another broker
         auth_activity = new_id()
         self.authorizations.put(auth_activity, (message, instance.conn))
         self._send_to_security({"name": "authorize message", "id": new_id(), "activityId": auth_activity,
                                 "payload": message}, now, actions)
         return actions
 
+    def security_answer(self, message: dict, activity_id: Any, now: float, actions: list) -> bool:
+        """Whether `message` answers a query of the security service (then it is wrapped and sent back to it)."""
+        security_activity = self.security_requests.get(activity_id)
+        if security_activity is None:
+            return False
+        self.security_requests.pop(activity_id)
+        self._send_to_security({"name": "security response", "id": new_id(), "activityId": security_activity,
+                                "payload": message, "isSecurity": True}, now, actions)
+        return True
+
     def _send_to_security(self, message: dict, now: float, actions: list) -> None:
-        target, reason = self.router.choice.choose(SECURITY_ROLE, message["name"], None, None)
+        if self.send_to_security_here(message, now, actions):
+            return
+        cluster = self.router.cluster
+        if cluster is not None and cluster.to_security(message, actions):
+            return  # connected only to another broker
+        actions.append(Log("warning", "message undeliverable", {
+            "name": message["name"], "role": SECURITY_ROLE, "reason": f"no instance of {SECURITY_ROLE!r} is live"}))
+
+    def send_to_security_here(self, message: dict, now: float, actions: list) -> bool:
+        target, _ = self.router.choice.choose(SECURITY_ROLE, message["name"], None, None)
         if target is None:
             # The security role need not list the adapter's messages in its
             # receives (it did not under Exocom 0.27): any live instance will do,
@@ -83,14 +106,17 @@ class SecurityAdapter:
             target = next((p.pick() for p in self.registry.pools.get(SECURITY_ROLE, ())
                            if p.state == LIVE and p.instances), None)
         if target is None:
-            actions.append(Log("warning", "message undeliverable", {
-                "name": message["name"], "role": SECURITY_ROLE, "reason": reason}))
-            return
+            return False
         self.router.send_to(target, message, now, actions)
+        return True
 
-    def _verdict(self, instance: Instance, name: str, activity_id: Any, now: float, actions: list) -> None:
+    def verdict(self, instance: Instance | None, name: str, activity_id: Any, now: float, actions: list) -> None:
+        """`instance`: the security service's; None for a verdict handed over by another broker."""
         pending = self.authorizations.get(activity_id)
         if pending is None:
+            cluster = self.router.cluster
+            if instance is None or (cluster is not None and cluster.verdict_to_asker(name, activity_id, actions)):
+                return  # expired here meanwhile, or the message it judges was sent to another broker
             actions.extend(self.budget.refusal(instance, now, "unknown_authorization",
                                                "answer to an unknown or expired authorization", name=name))
             return
