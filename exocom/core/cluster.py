@@ -319,20 +319,19 @@ class Cluster:
 
     def verdict_to_asker(self, name: str, activity_id: Any, actions: list) -> bool:
         """The security service's verdict on a message that waits on the broker that asked for it."""
-        broker = self.authorizers.get(activity_id) if activity_id.__class__ is str else None
-        if broker is None:
-            return False
-        self.authorizers.pop(activity_id)
-        self._security_entry(broker, VERDICT, {"n": name, "a": activity_id}, actions)
-        return True
+        return self._back(self.authorizers, activity_id, VERDICT, {"n": name, "a": activity_id}, actions)
 
     def security_answer_to_asker(self, message: dict, activity_id: Any, actions: list) -> bool:
         """An answer to a query of a security service connected to another broker."""
-        broker = self.security_askers.get(activity_id) if activity_id.__class__ is str else None
+        return self._back(self.security_askers, activity_id, SECURITY_ANSWER, {"f": message}, actions)
+
+    def _back(self, memory: Generations, activity_id: Any, kind: str, fields: dict, actions: list) -> bool:
+        """To the broker `memory` remembers for `activity_id`, once. False: it remembers none."""
+        broker = memory.get(activity_id) if activity_id.__class__ is str else None
         if broker is None:
             return False
-        self.security_askers.pop(activity_id)
-        self._security_entry(broker, SECURITY_ANSWER, {"f": message}, actions)
+        memory.pop(activity_id)
+        self._security_entry(broker, kind, fields, actions)
         return True
 
     def _security_entry(self, broker: str, kind: str, fields: dict, actions: list) -> None:
