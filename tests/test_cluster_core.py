@@ -185,6 +185,17 @@ def test_a_newer_version_live_on_another_broker_is_the_stable_one_everywhere(nod
     assert a.handed == [] and len(a.take(old)) == 1
 
 
+def test_a_version_live_only_on_another_broker_is_rolled_back_from_this_one(nodes):
+    a, _, c = nodes
+    web, (old, _) = fleet(nodes, (a, "1.0.0"), (c, "2.0.0"))
+    a.run(a.broker.rollback("todos", "2.0.0", a.now))
+    assert state_here(a, "1.0.0") == "live"
+    a.send(web, "todos.list")
+    assert a.handed == [] and len(a.take(old)) == 1
+    c.run(c.cluster.records_seen(a.ledger, c.now))  # c follows the shared ledger
+    assert state_here(c, "2.0.0") == "failed"
+
+
 def test_the_same_version_here_and_elsewhere_stays_here(nodes):
     a, b, _ = nodes
     web, (here, _, _) = fleet(nodes, (a, "2.0.0"), (b, "2.0.0"), (b, "1.0.0"))

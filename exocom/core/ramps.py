@@ -221,14 +221,19 @@ class Ramps:
         """Take a live version out of production: the previous live version is stable again."""
         pool = next((p for p in self.registry.pools.get(role, ()) if str(p.version) == str(version)), None)
         d = self.deployer.deployment(role, version)
-        state = d.state if d is not None else (pool.state if pool is not None else None)
+        view = self.views.get(role)
+        elsewhere = next((e for e in (view.elsewhere if view is not None else ()) if str(e.version) == str(version)),
+                         None)  # connected only to other brokers of a cluster
+        state = d.state if d is not None else (pool.state if pool is not None else
+                                               elsewhere.state if elsewhere is not None else None)
         if pool is not None and pool.state in (DRAINING, DRAINED):
             state = pool.state
         if state not in (LIVE, DRAINING, DRAINED):
             raise ValueError(f"{role}@{version} is not a live version (state {state or 'not connected'}); "
                              "a ramping one is aborted instead")
-        if not any(p is not pool and self.deployer.state_of(role, p.version)[0] == LIVE
-                   for p in self.registry.pools.get(role, ())):
+        others = [p.version for p in self.registry.pools.get(role, ()) if p is not pool]
+        others += [e.version for e in (view.elsewhere if view is not None else ())]  # in a cluster: other brokers'
+        if not any(str(v) != str(version) and self.deployer.state_of(role, v)[0] == LIVE for v in others):
             raise ValueError(f"no other live version of {role!r} is connected to take over its traffic: connect "
                              "the version to fall back to first (a rollback never leaves a role without one)")
         actions: list = []
