@@ -8,6 +8,7 @@ import errno
 import gc
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -92,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(the status page then takes it from its URL: /#token=TOKEN)")
     # Several brokers, one fleet (issue 12).
     serve.add_argument("--cluster", metavar="URL", default=os.environ.get("EXOCOM_CLUSTER_URL"),
-                       help="share the fleet with the other brokers on this Redis or Valkey: redis://HOST:PORT/DB or "
-                            "rediss:// for TLS (env EXOCOM_CLUSTER_URL; needs pip install 'exocom[cluster]')")
+                       help="share the fleet with the other brokers on this Redis or Valkey: redis://HOST:PORT/DB, "
+                            "rediss://HOST:PORT/DB?ssl_ca_certs=CA.pem for TLS, or "
+                            "redis+sentinel://HOST:PORT[,HOST:PORT]/PRIMARY to find the primary through Sentinel "
+                            "(env EXOCOM_CLUSTER_URL; needs pip install 'exocom[cluster]')")
     serve.add_argument("--cluster-password-file", metavar="FILE",
                        default=os.environ.get("EXOCOM_CLUSTER_PASSWORD_FILE"),
                        help="the Redis password, read from this file (env EXOCOM_CLUSTER_PASSWORD_FILE)")
@@ -311,7 +314,7 @@ def serve(args, environ) -> int:
                          state_dir=str(Path(state_dir).resolve()), ledger_records=len(records), version=__version__,
                          tls="off" if tls is None else "client certificates required" if tls.client_certificates else "on",
                          **({} if cluster is None else {"cluster": cluster.shown_url, "broker_id": cluster.me,
-                                                     "redis": "cluster" if cluster.redis_cluster else "single"}))
+                                                     "redis": cluster.kind}))
 
             try:
                 await nursery.start(partial(server.serve, args.host, port, announce=announce))
@@ -352,13 +355,19 @@ def _cluster(args, port: int):
         if args.cluster_password_file:
             raise ConfigError("--cluster-password-file needs --cluster URL (or EXOCOM_CLUSTER_URL)")
         return None
-    if not args.cluster.startswith(("redis://", "rediss://")):
-        raise ConfigError(f"--cluster {args.cluster!r}: give a redis:// or rediss:// URL "
+    if not args.cluster.startswith(("redis://", "rediss://", "redis+sentinel://")):
+        raise ConfigError(f"--cluster {args.cluster!r}: give a redis://, rediss:// or redis+sentinel:// URL "
                           "(e.g. redis://127.0.0.1:6379/0)")
     try:
-        from ..server.cluster import ClusterLink
+        from ..server.cluster import SENTINEL, ClusterLink, sentinel_address
     except ImportError as e:
         raise ConfigError(f"--cluster needs the Redis client coredis ({e}): pip install 'exocom[cluster]'") from None
+    if args.cluster.startswith(SENTINEL):
+        try:
+            sentinel_address(args.cluster)
+        except ValueError as e:
+            shown = re.sub(r"//[^/]*@", "//", args.cluster)  # without a password
+            raise ConfigError(f"--cluster {shown!r}: {e}") from None
     password = None
     if args.cluster_password_file:
         password = credentials.read_token_file(Path(args.cluster_password_file), "--cluster-password-file")
@@ -367,7 +376,7 @@ def _cluster(args, port: int):
 
 def _cluster_ledger(cluster, volatile_ok: bool, log) -> list[dict]:
     """The records of the cluster's ledger in Redis (LedgerError: Redis cannot be read or keeps no records)."""
-    from ..server.cluster import REDIS_AWAY, PersistenceTooWeak, open_ledger
+    from ..server.cluster import REDIS_AWAY, PersistenceTooWeak, open_ledger, reason
     try:
         records, warnings, cluster.redis_cluster = trio.run(partial(open_ledger, cluster.url, cluster.password,
                                                                     volatile_ok=volatile_ok))
@@ -375,7 +384,7 @@ def _cluster_ledger(cluster, volatile_ok: bool, log) -> list[dict]:
         raise LedgerError(str(group.exceptions[0])) from None
     except* REDIS_AWAY as group:
         raise LedgerError(f"cannot read the cluster's ledger from Redis at {cluster.shown_url}: "
-                          f"{group.exceptions[0]}; start Redis (or fix --cluster), then the broker") from None
+                          f"{reason(group.exceptions[0])}; start Redis (or fix --cluster), then the broker") from None
     for warning in warnings:
         log.warning("cluster redis persistence", problem=warning)
     cluster.known = len(records)

@@ -36,7 +36,7 @@ import collections
 import contextlib
 import itertools
 import time
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import anyio
 import coredis
@@ -147,14 +147,74 @@ async def open_ledger(url: str, password: str | None, *, volatile_ok: bool) -> t
     return [orjson.loads(entry)["record"] for entry in entries], warnings, redis_cluster
 
 
-def _client(url: str, password: str | None, redis_cluster: bool) -> coredis.Redis:
-    """A Redis Cluster is found from any of its nodes (the client follows MOVED and learns the slots)."""
+TIMEOUTS = {"connect_timeout": 2.0, "stream_timeout": 5.0}
+SENTINEL = "redis+sentinel://"
+SENTINEL_PORT = 26379
+
+
+def _client(url: str, password: str | None, redis_cluster: bool) -> contextlib.AbstractAsyncContextManager:
+    """A client to enter: on a Redis Cluster, found from any of its nodes (the client follows MOVED and learns
+    the slots); through Sentinel, on the primary the sentinels name (asked again on every new connection)."""
+    if url.startswith(SENTINEL):
+        return _through_sentinel(url, password)
     kind = coredis.RedisCluster if redis_cluster else coredis.Redis
-    return kind.from_url(url, password=password, connect_timeout=2.0, stream_timeout=5.0)
+    return kind.from_url(_hostname_checked(url), password=password, **TIMEOUTS)
+
+
+def _hostname_checked(url: str) -> str:
+    """A rediss:// URL that also has the certificate checked against the host name. coredis (6.9) builds the TLS
+    context from the URL's ssl_* parameters and, unless `ssl_check_hostname` is given, verifies the chain only: any
+    certificate the CA signed, for whatever name, would do. A URL that says ssl_check_hostname is kept as it is."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss" or "ssl_check_hostname" in parse_qs(parts.query):
+        return url
+    return urlunsplit(parts._replace(query="&".join(filter(None, (parts.query, "ssl_check_hostname=true")))))
+
+
+def sentinel_address(url: str) -> tuple[list[tuple[str, int]], str]:
+    """The sentinels and the primary's name in redis+sentinel://HOST[:PORT][,HOST[:PORT]...]/NAME
+    (ValueError saying what is wrong)."""
+    netloc, _, name = url.removeprefix(SENTINEL).partition("/")
+    if "@" in netloc:
+        raise ValueError("give the password with --cluster-password-file, not in the URL")
+    if not name or "/" in name or "?" in name:
+        raise ValueError("name the primary after the sentinels: redis+sentinel://HOST:PORT[,HOST:PORT]/NAME")
+    sentinels = []
+    for address in netloc.split(","):
+        host, _, port = address.rpartition(":") if ":" in address else (address, "", str(SENTINEL_PORT))
+        if not host or not port.isdigit():
+            raise ValueError(f"{address!r} is not HOST:PORT")
+        sentinels.append((host, int(port)))
+    return sentinels, name
+
+
+@contextlib.asynccontextmanager
+async def _through_sentinel(url: str, password: str | None):
+    """The primary of the service that the sentinels monitor. The password is the primary's (and its replicas');
+    the sentinels are asked without one. coredis's SentinelConnectionPool asks the sentinels for the primary's
+    address whenever it opens a connection and checks ROLE on it, so after a failover the reconnecting tasks
+    reach the new primary."""
+    from coredis.connection import TCPLocation
+    sentinels, name = sentinel_address(url)
+    async with coredis.Sentinel([TCPLocation(host, port) for host, port in sentinels], sentinel_kwargs=dict(TIMEOUTS),
+                                password=password, **TIMEOUTS) as sentinel:
+        async with sentinel.primary_for(name) as primary:
+            yield primary
 
 
 # What a command raises when Redis is away or the connection broke (coredis passes anyio's own through).
 REDIS_AWAY = (RedisError, OSError, anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream)
+
+
+def reason(error: BaseException) -> str:
+    """What went wrong, with why: coredis says "Unable to establish a connection to HOST:PORT" and keeps the
+    why (refused, a certificate that does not verify, a name it is not for) as the cause. Its task groups may
+    wrap the error in groups of one."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    text = str(error) or error.__class__.__name__
+    cause = error.__cause__
+    return f"{text}: {cause}" if cause is not None and str(cause) and str(cause) not in text else text
 
 
 def presence_key(broker: str) -> str:
@@ -233,12 +293,12 @@ class ClusterLink:
 
     def _failed(self, task: str, error: BaseException) -> None:
         if not self._failing:
-            self.log.error("cluster redis unreachable", url=shown_url(self.url), task=task, error=str(error),
+            self.log.error("cluster redis unreachable", url=shown_url(self.url), task=task, error=reason(error),
                            buffered=len(self.buffer), hint=(
                                "local services keep talking; messages for other brokers wait in memory "
                                f"(at most {self.max_buffered}); check that Redis runs and is reachable"))
         self._failing.add(task)
-        self.problem = f"Redis at {shown_url(self.url)} is unreachable: {error}"
+        self.problem = f"Redis at {shown_url(self.url)} is unreachable: {reason(error)}"
 
     def _ok(self, task: str) -> None:
         if task in self._failing or self.problem is not None:
@@ -247,6 +307,11 @@ class ClusterLink:
                 if self.problem is not None and self.problem != "not connected to Redis yet":
                     self.log.info("cluster redis back", url=shown_url(self.url), buffered=len(self.buffer))
                 self.problem = None
+
+    @property
+    def kind(self) -> str:
+        """What `--cluster` names: a Redis Cluster, a primary found through Sentinel, or one Redis."""
+        return "cluster" if self.redis_cluster else "sentinel" if self.url.startswith(SENTINEL) else "single"
 
     @property
     def shown_url(self) -> str:
@@ -262,7 +327,7 @@ class ClusterLink:
 
     # ---------------------------------------------------------------- tasks
 
-    def _client(self) -> coredis.Redis:
+    def _client(self) -> contextlib.AbstractAsyncContextManager:
         return _client(self.url, self.password, self.redis_cluster)
 
     async def run(self, server, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
