@@ -98,7 +98,9 @@ class Choice:
                 bucket = bucket_of(key)
             for pool, first, end in view.ramping:
                 if first <= bucket < end and public in pool.profile.receives:
-                    return _picked(pool)
+                    if pool.__class__ is Elsewhere:
+                        return None, pool
+                    return pool.pick(), ""
         stable = view.stable
         if stable is not None and public in stable.profile.receives:
             return stable.pick(), ""
