@@ -86,6 +86,8 @@ async def test_services_on_different_brokers_talk_and_answers_reach_the_asker(tm
         config = a.get("/config.json")["cluster"]
         assert config["broker"] == "a" and config["handedOver"] >= 5
         assert {entry["broker"] for entry in config["brokers"]} == {"a", "b", "c"}
+    for broker in (a, b, c):  # stopped (SIGTERM) cleanly: no traceback of the Redis clients' cleanup
+        assert broker.process.returncode == 0 and "Traceback" not in broker.log_path.read_text()
 
 
 async def test_a_local_receiver_is_preferred_and_an_activity_stays_on_its_instance(tmp_path, valkey):

@@ -349,12 +349,20 @@ class ClusterLink:
     async def _retrying(self, task: str, body, *args) -> None:
         delay = 0.1
         while True:
+            failed = None
+            # except*: coredis's pub/sub raises ClosedResourceError beside trio's Cancelled when it unsubscribes
+            # on a connection closed by the cancellation (at every stop); that part is Redis going away, the
+            # Cancelled goes on up as it should.
             try:
                 await body(*args)
-            except REDIS_AWAY as e:
-                self._failed(task, e)
-                await trio.sleep(delay)
-                delay = min(delay * 2, MAX_BACKOFF)
+            except* REDIS_AWAY as group:
+                failed = group
+            while isinstance(failed, BaseExceptionGroup):
+                failed = failed.exceptions[0]
+            if failed is not None:  # else the body ended (a subscription closed by Redis): start it again
+                self._failed(task, failed)
+            await trio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
 
     async def _presence(self, server, commands: coredis.Redis) -> None:
         cluster = server.broker.cluster
