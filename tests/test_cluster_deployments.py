@@ -193,6 +193,14 @@ async def test_a_failed_deployment_is_retried_from_any_broker_once_nobody_drives
         listed = subprocess.run([*EXOCOM, "deployments", "--url", f"http://127.0.0.1:{b.port}"], capture_output=True,
                                 text=True, timeout=30)
         assert f"its ledger: Redis at {valkey.url} (shared by the cluster)" in listed.stdout, listed.stdout
+    # Every broker stopped: the ledger in Redis still tells (as --state-dir does for one broker's SQLite).
+    config = tmp_path / "routes.json"
+    listed = subprocess.run([*EXOCOM, "deployments", "--config", str(config), "--cluster", valkey.url],
+                            capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    assert f"from the cluster's ledger in Redis at {valkey.url}" in listed.stdout
+    [row] = [line.split() for line in listed.stdout.splitlines() if line.startswith(f"todos@{NEW}")]
+    assert row[2:5] == ["held", "pending", "(1x)"], row
 
 
 def test_a_redis_that_does_not_persist_is_refused_with_what_to_set(tmp_path):
@@ -207,3 +215,9 @@ def test_a_redis_that_does_not_persist_is_refused_with_what_to_set(tmp_path):
         assert "--cluster-volatile-ledger" in error["error"]
     finally:
         volatile.stop()
+
+
+def test_listing_from_a_redis_that_does_not_answer_says_so():
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    listed = subprocess.run([*EXOCOM, "deployments", "--cluster", url], capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 2 and f"cannot read the cluster's ledger from Redis at {url}" in listed.stderr

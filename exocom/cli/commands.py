@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--state-dir", metavar="DIR", default=default,
                        help="where the ledger lives (default: $EXOCOM_STATE_DIR, else ~/.local/state/exocom)")
 
+    def cluster_ledger_args(p, default=None):
+        p.add_argument("--cluster", metavar="URL", default=default,
+                       help="read the cluster's ledger in this Redis (as `exocom serve --cluster`) instead of asking "
+                            "a broker; without a broker answering, $EXOCOM_CLUSTER_URL is read when set")
+        p.add_argument("--cluster-password-file", metavar="FILE", default=default,
+                       help="the Redis password, read from this file (env EXOCOM_CLUSTER_PASSWORD_FILE)")
+
     serve = sub.add_parser("serve", help="run the broker")
     config_args(serve)
     serve.add_argument("--host", default=os.environ.get("EXOCOM_HOST", DEFAULT_HOST), help=f"address to listen on (default {DEFAULT_HOST}, env EXOCOM_HOST)")
@@ -116,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "list reads the ledger instead when --state-dir is given "
                                                            "or no broker answers")
     deployments.add_argument("--json", action="store_true", help="print JSON")
+    cluster_ledger_args(deployments)
     add_admin_token_arguments(deployments)
     deployments.set_defaults(action="list", target=None)
     actions = deployments.add_subparsers(dest="action", metavar="{list,retry,reset}")
@@ -132,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(listing, argparse.SUPPRESS)
     listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     listing.add_argument("--url", default=argparse.SUPPRESS, help="the running broker to ask")
+    cluster_ledger_args(listing, argparse.SUPPRESS)
     add_admin_token_arguments(listing, argparse.SUPPRESS)
     retry_parser = actions.add_parser(
         "retry", help="re-arm the failed step of a deployment",
@@ -412,9 +421,14 @@ def deployments_command(args, environ) -> int:
     config = _load_config("exocom deployments", args, environ)
     if config is None:
         return 2
-    listing = None if args.state_dir else _ask_running_broker(args, environ)
+    listing = None if args.state_dir or args.cluster else _ask_running_broker(args, environ)
     if listing is None:
-        listing = _read_ledger(args.state_dir or default_state_dir(environ), config)
+        cluster_url = None if args.state_dir else args.cluster or environ.get("EXOCOM_CLUSTER_URL")
+        if cluster_url:
+            listing = _read_cluster_ledger(cluster_url, args.cluster_password_file
+                                           or environ.get("EXOCOM_CLUSTER_PASSWORD_FILE"), config)
+        else:
+            listing = _read_ledger(args.state_dir or default_state_dir(environ), config)
         if listing is None:
             return 2
     rows, source = listing["deployments"], listing["source"]
@@ -494,6 +508,34 @@ def _read_ledger(state_dir: str, config) -> dict | None:
     return {"source": f"from the ledger {ledger_path.resolve()} (read directly, not from a running broker)",
             "url": None, "ledger": str(ledger_path.resolve()), "deployments": broker.deployments_json(),
             "unconfigured_records": broker.orphan_records}
+
+
+def _read_cluster_ledger(url: str, password_file: str | None, config) -> dict | None:
+    """The deployments as a cluster's ledger in Redis has them (no broker needs to run)."""
+    try:
+        from ..server.cluster import REDIS_AWAY, open_ledger, reason, shown_url
+    except ImportError as e:
+        print(f"exocom deployments: --cluster needs the Redis client coredis ({e}): pip install 'exocom[cluster]'",
+              file=sys.stderr)
+        return None
+    try:
+        password = (credentials.read_token_file(Path(password_file), "--cluster-password-file")
+                    if password_file else None)
+    except ConfigError as e:
+        print(f"exocom deployments: {e}", file=sys.stderr)
+        return None
+    records = None
+    try:
+        records, _, _ = trio.run(partial(open_ledger, url, password, volatile_ok=True))
+    except* REDIS_AWAY as group:
+        print(f"exocom deployments: cannot read the cluster's ledger from Redis at {shown_url(url)}: "
+              f"{reason(group.exceptions[0])}", file=sys.stderr)
+    if records is None:
+        return None
+    broker = Broker(config, ledger_records=records)
+    return {"source": f"from the cluster's ledger in Redis at {shown_url(url)} (read directly, not from a "
+                      "running broker)", "url": None, "ledger": f"Redis at {shown_url(url)}",
+            "deployments": broker.deployments_json(), "unconfigured_records": broker.orphan_records}
 
 
 def reset(args, environ) -> int:
