@@ -83,8 +83,7 @@ class Ramps:
         new_base, bases = self._baseline_of(d)
         new = self.stats.figures(self._key(role, d.target.version)).since(new_base)
         view = self.views.get(role)
-        stable_pool = view.stable if view is not None and view.stable is not None else (
-            view.stable_elsewhere if view is not None else None)
+        stable_pool = None if view is None else view.stable if view.stable is not None else view.stable_elsewhere
         stable = None
         if stable_pool is not None:
             key = self._key(role, stable_pool.version)
