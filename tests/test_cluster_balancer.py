@@ -62,7 +62,7 @@ async def test_services_behind_the_balancer_move_to_a_live_broker_when_theirs_is
 async def kill_the_broker_behind(brokers, url: str) -> None:
     async def answered():
         # web and todos may be on different brokers, and the first ask may come before web's broker heard
-        # where todos is (~15 ms): asked again, as a service would.
+        # where todos is (a few ms): asked again, as a service would.
         with trio.move_on_after(2):
             return await ask(client, "through the balancer") == "1.0.0"
 

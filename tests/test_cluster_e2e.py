@@ -113,9 +113,9 @@ async def test_a_local_receiver_is_preferred_and_an_activity_stays_on_its_instan
 
 
 async def test_the_other_brokers_see_a_service_come_and_go_at_once(tmp_path, valkey):
-    """A broker publishes what it holds as soon as it changes (measured: 12-16 ms median,
+    """A broker publishes what it holds as soon as it changes (measured: 3 ms median, 5 ms at most,
     bench/cluster_presence_gap.py), not at its next renewal (up to RENEW, 0.3 s, later: the issue asks
-    for under a second; 0.25 s here leaves ten times the measured figure for a loaded machine)."""
+    for under a second; 0.25 s here leaves room for a loaded machine)."""
     with cluster_of(tmp_path, valkey, ("a", "c")) as (a, c):
         async def knows_c():
             return "c" in {b["broker"] for b in (await get(a.port, "/config.json"))["cluster"]["brokers"]}

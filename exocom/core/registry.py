@@ -3,6 +3,8 @@ and version, grouped into version pools ordered newest first."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 from .routes import CompiledProfile
 from .versions import Version
 
@@ -80,9 +82,9 @@ class Registry:
         self.by_conn: dict[int, Instance] = {}
         # role -> pools sorted newest version first
         self.pools: dict[str, list[VersionPool]] = {}
-        # Bumped when an instance comes or goes or a version's state changes: in a cluster the shell
-        # publishes what this broker holds at once, not at its next renewal.
-        self.changes = 0
+        # Called when an instance comes or goes or a version's state changes: in a cluster the shell
+        # publishes what this broker holds at once, not at its next renewal (it sets an event; no I/O here).
+        self.changed: Callable[[], None] = lambda: None
 
     def pool(self, role: str, version: Version) -> VersionPool | None:
         for p in self.pools.get(role, ()):
@@ -100,13 +102,13 @@ class Registry:
         pool.instances.append(instance)
         instance.pool = pool
         self.by_conn[instance.conn] = instance
-        self.changes += 1
+        self.changed()
         return pool
 
     def remove(self, conn: int) -> Instance | None:
         instance = self.by_conn.pop(conn, None)
         if instance is not None and instance.pool is not None:
-            self.changes += 1
+            self.changed()
             pool = instance.pool
             pool.instances.remove(instance)
             if not pool.instances:

@@ -111,7 +111,7 @@ class VersionStates:
 
     def _enter(self, pool: VersionPool, state: str, now: float, actions: list) -> None:
         before, pool.state = pool.state, state
-        self.registry.changes += 1
+        self.registry.changed()
         if state == DRAINING or state == DRAINED:
             self.quiet[pool] = None
         else:

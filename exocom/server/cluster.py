@@ -53,7 +53,6 @@ BROKERS = PREFIX + "brokers"  # set of broker ids that announced themselves (pru
 CHANNEL = PREFIX + "presence"
 GROUP = "brokers"
 RENEW = 0.3  # seconds between presence renewals
-CHANGE_POLL = 0.01  # seconds between looks for a change to publish before the renewal
 LEASE = 2.0  # seconds a presence lasts without renewal
 BATCH = 512  # entries per pipeline or stream read
 STREAM_MAX = 100_000  # entries a broker's stream keeps at most (approximately) while it reads none
@@ -331,6 +330,8 @@ class ClusterLink:
         return _client(self.url, self.password, self.redis_cluster)
 
     async def run(self, server, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._holding_changed = trio.Event()
+        server.broker.registry.changed = lambda: self._holding_changed.set()
         async with self._client() as commands, self._client() as reads, trio.open_nursery() as nursery:
             nursery.start_soon(self._retrying, "presence", self._presence, server, commands)
             nursery.start_soon(self._retrying, "subscriber", self._subscriber, server, commands)
@@ -392,16 +393,14 @@ class ClusterLink:
                 await commands.srem(BROKERS, gone)
             server.execute(actions)
             self._ok("presence")
-            await self._until_renewal_or_change(server.broker.registry)
+            await self._until_renewal_or_change()
 
-    @staticmethod
-    async def _until_renewal_or_change(registry) -> None:
+    async def _until_renewal_or_change(self) -> None:
         """Sleep until the next renewal, or until an instance came or went or a state changed here: the
-        others learn it within a few milliseconds (PUBLISH), not at the next renewal."""
-        changes = registry.changes
-        deadline = trio.current_time() + RENEW
-        while registry.changes == changes and trio.current_time() < deadline:
-            await trio.sleep(CHANGE_POLL)
+        others learn it within milliseconds (PUBLISH), not at the next renewal."""
+        with trio.move_on_after(RENEW):
+            await self._holding_changed.wait()
+        self._holding_changed = trio.Event()
 
     @staticmethod
     def _seen(server, value: bytes, now: float) -> list:
