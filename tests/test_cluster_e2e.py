@@ -83,6 +83,11 @@ async def test_services_on_different_brokers_talk_and_answers_reach_the_asker(tm
         assert any(line.split() == ["a", "(this", "one)", "web", "0.0.0", "live", "1"]
                    for line in shown.splitlines()), shown
         assert on_b == [f"ask-{i}" for i in range(5)]
+        # Every entry delivered was acknowledged and deleted: the streams keep nothing (pending or not).
+        from exocom.server.cluster import GROUP, stream_key
+        for broker in ("a", "b"):
+            assert valkey.command("XLEN", stream_key(broker)) == 0
+            assert valkey.command("XPENDING", stream_key(broker), GROUP)[0] == 0
         config = a.get("/config.json")["cluster"]
         assert config["broker"] == "a" and config["handedOver"] >= 5
         assert {entry["broker"] for entry in config["brokers"]} == {"a", "b", "c"}

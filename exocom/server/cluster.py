@@ -11,7 +11,8 @@ and Redis, in four tasks under the server's nursery:
   to their streams, in pipelined batches, from a bounded buffer;
 - receiver: reads this broker's stream with a consumer group (blocking read
   on a client of its own), has the core deliver each entry, then XACKs and
-  XDELs the batch: an entry is acknowledged only after its delivery;
+  XDELs the batch in the same round trip as the next read: an entry is
+  acknowledged only after its delivery;
 - leases: every `LEASE_RENEW` seconds, takes or renews the driver lease of
   every deployment the core wants to drive (`core.leases`), after reading
   the ledger records other brokers appended meanwhile.
@@ -57,6 +58,8 @@ LEASE = 2.0  # seconds a presence lasts without renewal
 BATCH = 512  # entries per pipeline or stream read
 STREAM_MAX = 100_000  # entries a broker's stream keeps at most (approximately) while it reads none
 BLOCK_MS = 1000
+_TRIM = {"trim_strategy": coredis.PureToken.MAXLEN, "threshold": STREAM_MAX,
+         "trim_operator": coredis.PureToken.APPROXIMATELY}
 MAX_BACKOFF = 2.0
 LEDGER = PREFIX + "ledger"  # list of {"by", "token", "record"}: index + 1 is a record's sequence number
 FENCE = PREFIX + "fence"  # the last fencing token granted
@@ -437,10 +440,13 @@ class ClusterLink:
 
     @staticmethod
     async def _send_batch(commands: coredis.Redis, batch: list[tuple[str, bytes]]) -> None:
+        if len(batch) == 1:  # request/reply one at a time: a pipeline of one costs coredis more than the command
+            [(broker, data)] = batch
+            await commands.xadd(stream_key(broker), {"m": data}, **_TRIM)
+            return
         async with commands.pipeline(transaction=False) as pipe:
             for broker, data in batch:
-                pipe.xadd(stream_key(broker), {"m": data}, trim_strategy=coredis.PureToken.MAXLEN,
-                          threshold=STREAM_MAX, trim_operator=coredis.PureToken.APPROXIMATELY)
+                pipe.xadd(stream_key(broker), {"m": data}, **_TRIM)
 
     async def _receiver(self, server, reads: coredis.Redis) -> None:
         stream = stream_key(self.me)
@@ -450,9 +456,18 @@ class ClusterLink:
         # First what this broker id read before and never acknowledged (it stopped between the
         # delivery and the XACK), then new entries.
         position = "0"
+        delivered: list = []  # the ids of the last batch, acknowledged with the next read (one round trip)
         while True:
-            result = await reads.xreadgroup(GROUP, self.me, {stream: position}, count=BATCH,
-                                            block=None if position == "0" else BLOCK_MS)
+            block = None if position == "0" else BLOCK_MS
+            if delivered:
+                async with reads.pipeline(transaction=False) as pipe:
+                    pipe.xack(stream, GROUP, delivered)
+                    pipe.xdel(stream, delivered)
+                    read = pipe.xreadgroup(GROUP, self.me, {stream: position}, count=BATCH, block=block)
+                result = await read
+            else:
+                result = await reads.xreadgroup(GROUP, self.me, {stream: position}, count=BATCH, block=block)
+            delivered = []
             entries = [entry for entries in (result or {}).values() for entry in entries]
             if not entries:
                 position = ">"
@@ -463,10 +478,7 @@ class ClusterLink:
                 data = entry.field_values.get(b"m")
                 if data is not None:
                     server.execute(handed_over(data, now))
-            ids = [entry.identifier for entry in entries]
-            async with reads.pipeline(transaction=False) as pipe:
-                pipe.xack(stream, GROUP, ids)
-                pipe.xdel(stream, ids)
+            delivered = [entry.identifier for entry in entries]
             self._ok("receiver")
 
     async def _leases(self, server, commands: coredis.Redis) -> None:
