@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from exocom.relay.client import RequestTimeout
-from fleet import EXOCOM, ask, todos, wait_until, web
+from fleet import EXOCOM, NEW, ScriptLog, ask, deployment_script, todos, wait_deployment, wait_until, web
 from processes import free_port, wait_for
 from test_cluster_e2e import cluster_of, wait_holders
 from valkey_server import Sentinel, TLSValkey, Valkey, running, tls_program
@@ -95,6 +95,7 @@ async def test_brokers_find_the_primary_through_sentinel_and_follow_it_over_a_fa
             async with across_brokers(tmp_path, url) as (a, client, got):
                 started = [e for e in a.events() if e["event"] == "broker listening"][0]
                 assert started["redis"] == "sentinel" and started["cluster"] == url
+                await a_record_waits_for_a_replica(a, replica)
                 assert await ask(client, "before") == "1.0.0"
                 # Failover: the sentinel promotes the replica (after 1 s down); the brokers reconnect, asking it.
                 primary.stop(signal.SIGKILL)
@@ -110,6 +111,25 @@ async def test_brokers_find_the_primary_through_sentinel_and_follow_it_over_a_fa
                             break
             assert got[0] == "before" and got[-1] == f"after-{attempt}"
             assert replica.command("ROLE", password=PASSWORD)[0] == b"master"
+
+
+async def a_record_waits_for_a_replica(broker, replica: Valkey) -> None:
+    """Through Sentinel a ledger record is acted on once a replica confirmed it (WAIT), or after 1 s with a
+    warning: replication is asynchronous, and a failover promotes a replica."""
+    log = ScriptLog()
+    replica.process.send_signal(signal.SIGSTOP)
+    try:
+        async with todos(broker.url, NEW, []), deployment_script(broker.url, log):
+            await wait_until(lambda: "deployment record not on a replica" in [e["event"] for e in broker.events()],
+                             "the broker to say that no replica confirmed the record", timeout=10)
+            # The step starts all the same: the primary has the record.
+            assert (await log.wait_starts(1, timeout=5))[0] == ("offline", 1)
+            replica.process.send_signal(signal.SIGCONT)
+            await wait_deployment(broker.port, lambda d: d["finished"], "the deployment to finish", timeout=20)
+    finally:
+        replica.process.send_signal(signal.SIGCONT)
+    [warning, *_] = [e for e in broker.events() if e["event"] == "deployment record not on a replica"]
+    assert warning["level"] == "warning" and warning["waited_s"] == 1.0
 
 
 def test_sentinel_urls_are_checked_at_start_and_rediss_urls_check_the_servers_name():

@@ -65,6 +65,7 @@ LEDGER = PREFIX + "ledger"  # list of {"by", "token", "record"}: index + 1 is a 
 FENCE = PREFIX + "fence"  # the last fencing token granted
 LEASE_TTL = 3.0  # seconds a deployment's driver lease lasts without renewal
 LEASE_RENEW = 0.5
+REPLICA_WAIT_MS = 1000  # through Sentinel: how long a ledger record waits for a replica to confirm it
 
 # Take the lease if free, renew it if ours: {1, token} or {0, holder}.
 TAKE_LEASE = """
@@ -525,7 +526,7 @@ class ClusterLink:
             entry = orjson.dumps({"by": self.me, "token": token, "record": record})
             fence = f"{self.me}/{token}" if token is not None else ""
             try:
-                seq = await self.commands.eval(APPEND_RECORD, [lease_key(name), LEDGER], [fence, entry, self.me])
+                seq, replicas = await self._append(name, fence, entry)
             except ResponseError as e:
                 if "FENCED" not in str(e):
                     raise
@@ -546,9 +547,27 @@ class ClusterLink:
                 continue
             self.own.add(seq)
             self._ok("ledger")
+            if replicas == 0:
+                self.log.warning("deployment record not on a replica", deployment=name, record_event=record["event"],
+                                 step=record["step"], waited_s=REPLICA_WAIT_MS / 1000, reason=(
+                                     "the primary has it, but no replica confirmed it in time: a failover before it "
+                                     "does loses it (the step would run again); check the replicas (INFO "
+                                     "replication on the primary)"))
             server.execute(server.broker.record_written(record, time.time()))
             self._settle(record, None)
             return
+
+    async def _append(self, name: str, fence: str, entry: bytes) -> tuple[int, int | None]:
+        """The record's sequence number, and (through Sentinel) how many replicas confirmed it: a failover
+        promotes a replica, and replication is asynchronous, so the broker acts on a record only once a replica
+        has it too, or after REPLICA_WAIT_MS (WAIT, on the connection that appended it: one pipeline)."""
+        keys, args = [lease_key(name), LEDGER], [fence, entry, self.me]
+        if self.kind != "sentinel":
+            return await self.commands.eval(APPEND_RECORD, keys, args), None
+        async with self.commands.pipeline(transaction=False, raise_on_error=False) as pipe:
+            appended = pipe.eval(APPEND_RECORD, keys, args)
+            confirmed = pipe.wait(1, REPLICA_WAIT_MS)
+        return await appended, await confirmed
 
     async def _leave(self) -> None:
         """Stopping: hand on what is buffered, and tell the others at once instead of after the lease."""
