@@ -5,9 +5,8 @@ the cluster's versions: the states (`states`) place a version connected only
 to other brokers (`versions_elsewhere`, from the presence table) in the
 routing view, and when the rules choose it the message goes to a broker that
 holds it (`route_away`). A version connected here is preferred to the same
-version elsewhere. When the view is stale (a broker just left or joined),
-`pick` finds another broker with a version the rules would pick. The
-message is handed over as an entry (`HandOver`) that the shell appends to
+version elsewhere. The view is recomputed whenever the presence table
+changes, so the version rules live in `choice` only. The message is handed over as an entry (`HandOver`) that the shell appends to
 that broker's Redis stream. The receiving broker routes the entry to the one
 role it names, by its own rules (`received`), exactly once: Redis delivers
 at least once, so entries are deduplicated by message id and role.
@@ -38,7 +37,7 @@ from .choice import Elsewhere
 from .figures import Figures
 from .leases import DriverLeases
 from .presence import Presence, holding_of
-from .registry import FAILED, LIVE, RAMPING, SERVING, Instance
+from .registry import FAILED, LIVE, RAMPING, Instance
 from .security import SECURITY_ROLE
 from .versions import InvalidRequirement, InvalidVersion, Requirement, Version
 
@@ -210,42 +209,9 @@ class Cluster:
         broker = self.homes.get((activity_id, role))
         return broker if broker in self.presence.holdings else None
 
-    def pick(self, role: str, public: str, requirement: Requirement | None) -> str | None:
-        """Another broker with a version of `role` that receives `public` and that the routing
-        rules would choose (`choice`): the newest satisfying (else ramping) version for a
-        requirement, else the newest live (else a ramping) one."""
-        table = self.router.table.roles.get(role)
-        if table is None:
-            return None
-        best: tuple[tuple[int, Version], list[str]] | None = None
-        for broker, text, entry in self.presence.holders(role):
-            state = entry["state"]
-            try:
-                version = Version(text)
-            except InvalidVersion:
-                continue
-            if requirement is not None:
-                if not requirement.matches(version):
-                    continue
-                rank = 1 if state in SERVING else 0 if state == RAMPING else None
-            else:
-                rank = 1 if state == LIVE else 0 if state == RAMPING else None
-            if rank is None or public not in table.profile_for(version).receives:
-                continue
-            key = (rank, version)
-            if best is None or key > best[0]:
-                best = (key, [broker])
-            elif key == best[0]:
-                best[1].append(broker)
-        if best is None:
-            return None
-        brokers = best[1]
-        self._next = (self._next + 1) % len(brokers)
-        return brokers[self._next]
-
-    def pick_exact(self, role: str, version: Version, public: str) -> str | None:
-        """Another broker with instances of exactly role@version, in any state (a deployment
-        script talks to the version it deploys, held or not)."""
+    def holder_of(self, role: str, version: Version, public: str) -> str | None:
+        """Another broker with instances of exactly role@version (in any state: a deployment
+        script talks to the version it deploys, held or not), round robin over them."""
         table = self.router.table.roles.get(role)
         if table is None or public not in table.profile_for(version).receives:
             return None
@@ -275,20 +241,16 @@ class Cluster:
                    frame: dict, requirement: Requirement | None, key: str | None, actions: list,
                    broker: str | None = None, chosen: str | Elsewhere = "") -> bool:
         """No instance here takes `public` for `role`: hand it to a broker that has one (`broker`
-        when affinity already named it; one with the version the routing rules `chosen`, else
-        `pick`). False: no broker has one."""
+        when affinity already named it; else one with the version the routing rules `chosen`, or
+        with the version a deployment script deploys). False: no broker has one."""
         exact = None
         deploys = self.router.script_targets.get(sender.role)
         if deploys is not None and role == deploys.role and (requirement is None or requirement.matches(deploys.version)):
             exact = deploys.version  # as `Router.route` does for a deployment script
         version = chosen.version if chosen.__class__ is Elsewhere else None
         if broker is None:
-            if exact is not None:
-                broker = self.pick_exact(role, exact, public)
-            elif version is not None:
-                broker = self.pick_exact(role, version, public)
-            else:
-                broker = self.pick(role, public, requirement)
+            target = exact if exact is not None else version
+            broker = self.holder_of(role, target, public) if target is not None else None
             if broker is None:
                 return False
         if activity is not None:
