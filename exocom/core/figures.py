@@ -53,25 +53,22 @@ class Figures:
 
     def since(self, earlier: Figures) -> Figures:
         """What happened after `earlier` was copied from this one."""
-        out = Figures()
-        out.replies = self.replies - earlier.replies
-        out.errors = self.errors - earlier.errors
-        out.buckets = [a - b for a, b in zip(self.buckets, earlier.buckets)]
-        out.reply_time_sum = self.reply_time_sum - earlier.reply_time_sum
-        out.disconnects = self.disconnects - earlier.disconnects
-        return out
+        return self._combined(earlier, -1)
 
     def copy(self) -> Figures:
-        return self.since(Figures())
+        return self._combined(Figures(), 1)
 
     def plus(self, other: Figures) -> Figures:
         """These and `other` together (another broker's figures of the same version)."""
-        out = self.copy()
-        out.replies += other.replies
-        out.errors += other.errors
-        out.buckets = [a + b for a, b in zip(out.buckets, other.buckets)]
-        out.reply_time_sum += other.reply_time_sum
-        out.disconnects += other.disconnects
+        return self._combined(other, 1)
+
+    def _combined(self, other: Figures, sign: int) -> Figures:
+        out = Figures()
+        out.replies = self.replies + sign * other.replies
+        out.errors = self.errors + sign * other.errors
+        out.buckets = [a + sign * b for a, b in zip(self.buckets, other.buckets)]
+        out.reply_time_sum = self.reply_time_sum + sign * other.reply_time_sum
+        out.disconnects = self.disconnects + sign * other.disconnects
         return out
 
     def to_list(self) -> list:

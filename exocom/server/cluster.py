@@ -432,22 +432,22 @@ class ClusterLink:
             if not buffer:
                 self._wake = trio.Event()
                 await self._wake.wait()
-            batch = list(itertools.islice(buffer, BATCH))
-            await self._send_batch(commands, batch)
-            # Taken off only once Redis has them: a failed pipeline sends them again (the receiver deduplicates).
-            for _ in batch:
-                buffer.popleft()
+            await self._send_batch(commands)
             self._ok("sender")
 
-    @staticmethod
-    async def _send_batch(commands: coredis.Redis, batch: list[tuple[str, bytes]]) -> None:
+    async def _send_batch(self, commands: coredis.Redis) -> None:
+        """The oldest buffered entries (up to BATCH), taken off the buffer only once Redis has them: a failed
+        pipeline sends them again (the receiver deduplicates)."""
+        batch = list(itertools.islice(self.buffer, BATCH))
         if len(batch) == 1:  # request/reply one at a time: a pipeline of one costs coredis more than the command
             [(broker, data)] = batch
             await commands.xadd(stream_key(broker), {"m": data}, **_TRIM)
-            return
-        async with commands.pipeline(transaction=False) as pipe:
-            for broker, data in batch:
-                pipe.xadd(stream_key(broker), {"m": data}, **_TRIM)
+        else:
+            async with commands.pipeline(transaction=False) as pipe:
+                for broker, data in batch:
+                    pipe.xadd(stream_key(broker), {"m": data}, **_TRIM)
+        for _ in batch:
+            self.buffer.popleft()
 
     async def _receiver(self, server, reads: coredis.Redis) -> None:
         stream = stream_key(self.me)
@@ -581,10 +581,7 @@ class ClusterLink:
 
     async def _hand_on_and_leave(self, commands: coredis.Redis) -> None:
         while self.buffer:
-            batch = list(itertools.islice(self.buffer, BATCH))
-            await self._send_batch(commands, batch)
-            for _ in batch:
-                self.buffer.popleft()
+            await self._send_batch(commands)
         async with commands.pipeline(transaction=False) as pipe:
             pipe.delete([presence_key(self.me)])
             pipe.srem(BROKERS, [self.me])
