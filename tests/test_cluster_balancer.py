@@ -5,7 +5,9 @@ the listening port rewritten for this machine. Needs HAProxy (Debian's
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
 import signal
 import subprocess
 
@@ -33,6 +35,12 @@ def balancer_config(tmp_path, port: int, brokers) -> str:
     return str(path)
 
 
+def listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
 async def holder_of(brokers, role: str):
     for broker in brokers:
         clients = (await get(broker.port, "/config.json"))["clients"]
@@ -50,7 +58,7 @@ async def test_services_behind_the_balancer_move_to_a_live_broker_when_theirs_is
         balancer = subprocess.Popen(["haproxy", "-db", "-f", config], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE)
         try:
-            await trio.sleep(0.5)
+            await wait_until(lambda: balancer.poll() is not None or listening(port), "HAProxy to listen")
             assert balancer.poll() is None, balancer.stderr.read().decode()
             with trio.fail_after(60):  # a relay retries for ever: a balancer that never lets it in must not hang
                 await kill_the_broker_behind(brokers, f"ws://127.0.0.1:{port}/services")

@@ -143,6 +143,8 @@ async def test_redis_away_pauses_a_deployment_which_resumes_from_the_ledger_when
             assert await log.wait_starts(1, timeout=10) == [("offline", 1)]
             valkey.stop()
             release.set()  # the script answers while Redis is away: not recorded, so nothing advances
+            # A span of time, not a condition to poll: the lease must also pass in Redis (which is down, so
+            # nothing can be asked), for the late record to be refused when Redis is back.
             await trio.sleep(LEASE_TTL + 1)
             d = await deployment(a.port)
             assert d["state"] == "held" and steps(d) == {"offline": ("started", 1), "online": ("pending", 0)}

@@ -9,7 +9,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
 from processes import free_port, wait_for
@@ -95,7 +94,6 @@ class Valkey:
                 self.process.wait()
         # The port is ours again only once nothing listens on it.
         wait_for(lambda: not self.answers(), what="valkey-server to stop")
-        time.sleep(0.05)
 
 
 def _reply(reader):
