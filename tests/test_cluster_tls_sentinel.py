@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from exocom.relay.client import RequestTimeout
-from fleet import EXOCOM, NEW, ScriptLog, ask, deployment_script, todos, wait_deployment, wait_until, web
+from fleet import EXOCOM, NEW, ScriptLog, ask, deployment_script, get, todos, wait_deployment, wait_until, web
 from processes import free_port, wait_for
 from test_cluster_e2e import cluster_of, wait_holders
 from valkey_server import Sentinel, TLSValkey, Valkey, running, tls_program
@@ -130,6 +130,13 @@ async def a_record_waits_for_a_replica(broker, replica: Valkey) -> None:
         replica.process.send_signal(signal.SIGCONT)
     [warning, *_] = [e for e in broker.events() if e["event"] == "deployment record not on a replica"]
     assert warning["level"] == "warning" and warning["waited_s"] == 1.0
+
+    # The new version went live and its instance left again: requests go to the old version once the broker
+    # has seen it leave (a request sent before that reaches the leaving instance).
+    async def gone():
+        return not any(c["role"] == "todos" for c in (await get(broker.port, "/config.json"))["clients"])
+
+    await wait_until(gone, "todos 2.0.0 to be deregistered")
 
 
 def test_sentinel_urls_are_checked_at_start_and_rediss_urls_check_the_servers_name():
